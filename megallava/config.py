@@ -1,0 +1,476 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated before any rank works.
+
+Every key a user can set lives in one of the dataclasses below; ``validate()`` collects every problem at once
+and names the fix, so a bad config fails in one message before a model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Union
+
+import yaml
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT (HF CLIPVisionModel semantics). The LLM sees the output of layer ``num_layers + select_layer + 1``
+    (select_layer -2 = penultimate), CLS token dropped; later layers are not built."""
+    image_size: int = 336
+    patch_size: int = 14
+    num_layers: int = 24
+    hidden_size: int = 1024
+    ffn_hidden_size: int = 4096
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    select_layer: int = -2
+    num_channels: int = 3
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-family decoder + vision tower + projector."""
+    num_layers: int = 32
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 11008
+    num_attention_heads: int = 32
+    num_query_groups: Optional[int] = None          # GQA kv heads; None = num_attention_heads (MHA)
+    vocab_size: int = 32000
+    make_vocab_size_divisible_by: int = 128          # padded vocab is a multiple of this x tp
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    image_token_id: int = -200                       # placeholder id in input_ids (LLaVA's IMAGE_TOKEN_INDEX)
+    projector: str = "mlp2x_gelu"                    # "linear" | "mlp2x_gelu"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    train_vision: bool = False                       # ViT frozen by default (LLaVA)
+    train_projector: bool = True
+    train_llm: bool = True                           # False = stage 1 (projector alignment)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None                        # virtual pipeline chunks per pp rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    pipeline_layers: Optional[List[int]] = None      # LLM layers per (virtual) stage, in layer order; len = pp*vpp
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 10
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    lr_warmup_fraction: float = 0.03                 # of train.iters (LLaVA: 3% warm-up)
+    lr_decay_style: str = "cosine"                   # "cosine" | "linear" | "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    precision: str = "auto"                          # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"                        # "synthetic" until the webdataset loader lands
+    seq_length: int = 2048
+    num_samples: int = 100000                        # synthetic epoch size
+    text_only_fraction: float = 0.25                 # synthetic: share of language-only samples
+    max_images_per_sample: int = 1                   # synthetic: images per multimodal sample (1..n)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    interval: int = 0                                # 0 = only at the end (when dir is set)
+    load: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides, type-checked against the dataclass annotations above.
+# ----------------------------------------------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """Every problem found at once, so a user fixes a config in one round trip."""
+
+    def __init__(self, problems: Sequence[str] | str):
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(self.problems)  # args=(problems,) keeps the error picklable across ranks
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        head = f"invalid configuration ({n} problem{'' if n == 1 else 's'}):"
+        return "\n".join([head] + [f"  - {p}" for p in self.problems])
+
+
+_BAD = object()  # coercion failure marker (None is a legitimate value)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    # `from __future__ import annotations` makes annotations strings; resolve them to real types.
+    return typing.get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, raw: str | None = None) -> Any:
+    """Return ``value`` converted to ``hint`` or ``_BAD``. ``raw`` is the override text, used for str fields so
+    that ``train.run_dir=2024`` or ``data.source=off`` (YAML 1.1 reads int / bool) keep the literal text."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), raw)
+    if origin is list:
+        if not isinstance(value, list):
+            return _BAD
+        items = [_coerce(x, args[0]) for x in value]
+        return _BAD if any(x is _BAD for x in items) else items
+    if hint is bool:
+        return value if isinstance(value, bool) else _BAD
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if hint is float:
+        if isinstance(value, bool):
+            return _BAD
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _BAD
+        return _BAD
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if raw is not None and isinstance(value, (bool, int, float)):
+            return raw
+        return _BAD
+    raise TypeError(f"unsupported config field type {hint!r}")  # a dataclass above uses a type we don't handle
+
+
+def _unknown(prefix: str, name: Any, valid: Sequence[str]) -> str:
+    full = f"{prefix}{name}"
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+    return f"unknown key '{full}' ({hint})"
+
+
+def _set(obj: Any, name: str, value: Any, key: str, problems: list[str], raw: str | None = None) -> None:
+    hint = _hints(type(obj))[name]
+    if dataclasses.is_dataclass(hint):
+        if value is None:  # an empty section (`checkpoint:`) keeps the defaults
+            return
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping of keys, got {value!r}")
+            return
+        _apply_mapping(getattr(obj, name), value, key + ".", problems)
+        return
+    coerced = _coerce(value, hint, raw)
+    if coerced is _BAD:
+        problems.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    else:
+        setattr(obj, name, coerced)
+
+
+def _apply_mapping(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
+    valid = list(_hints(type(obj)))
+    for name, value in data.items():
+        if name not in valid:
+            problems.append(_unknown(prefix, name, valid))
+        else:
+            _set(obj, name, value, prefix + name, problems)
+
+
+def _apply_override(cfg: Config, text: str, problems: list[str]) -> None:
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        problems.append(f"override {text!r} is not of the form section.key=value")
+        return
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problems.append(f"override {key}: cannot parse value {raw!r} ({e.__class__.__name__})")
+        return
+    obj, parts = cfg, key.split(".")
+    for i, name in enumerate(parts):
+        prefix = "".join(p + "." for p in parts[:i])
+        valid = list(_hints(type(obj)))
+        if name not in valid:
+            problems.append(_unknown(prefix, name, valid))
+            return
+        if i == len(parts) - 1:
+            _set(obj, name, value, key, problems, raw)
+            return
+        obj = getattr(obj, name)
+        if not dataclasses.is_dataclass(obj):
+            problems.append(f"override {key}: '{prefix}{name}' is a value, not a section")
+            return
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file (if ``path``) <- ``section.key=value`` overrides, in order. Raises ConfigError listing
+    every load problem (missing file, bad YAML, unknown keys, wrong types); semantic checks are ``validate()``."""
+    cfg, problems = Config(), []
+    if path is not None:
+        if not os.path.isfile(path):
+            problems.append(f"config file not found: {path}")
+        else:
+            try:
+                with open(path) as f:
+                    data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                problems.append(f"config file {path} is not valid YAML: {e}")
+                data = None
+            if isinstance(data, dict):
+                _apply_mapping(cfg, data, "", problems)
+            elif data is not None:
+                problems.append(f"config file {path}: top level must be a mapping of sections "
+                                f"(model, parallel, train, data, checkpoint), got {type(data).__name__}")
+    for text in overrides:
+        _apply_override(cfg, text, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: semantic checks that need the world size; every problem names the key, the values and the fix.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _divisors(n: int, limit: int = 64) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    p: list[str] = []
+    m, v, par, t, d = cfg.model, cfg.model.vision, cfg.parallel, cfg.train, cfg.data
+
+    def at_least(key: str, value: Any, lo: int, why: str = "") -> bool:
+        if not value >= lo:  # `not >=` also catches NaN
+            p.append(f"{key}={value} must be >= {lo}{why}")
+            return False
+        return True
+
+    def in_range(key: str, value: float, lo: float, hi: float) -> None:
+        if not lo <= value <= hi:
+            p.append(f"{key}={value} must be in [{lo}, {hi}]")
+
+    def one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+        if value not in allowed:
+            p.append(f"{key}={value!r} is not supported: use one of {', '.join(allowed)}")
+
+    # --- sizes (later checks only run on the values that passed, so they never divide by zero)
+    ok = {k: at_least(f"model.{k}", getattr(m, k), 1) for k in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+        "make_vocab_size_divisible_by")}
+    ok.update({f"vision.{k}": at_least(f"model.vision.{k}", getattr(v, k), 1) for k in (
+        "image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+        "num_channels")})
+    for key, value in (("model.rms_norm_eps", m.rms_norm_eps), ("model.rope_theta", m.rope_theta),
+                       ("model.init_std", m.init_std), ("model.vision.layer_norm_eps", v.layer_norm_eps)):
+        if not value > 0:
+            p.append(f"{key}={value} must be > 0")
+    if 0 <= m.image_token_id < m.vocab_size:
+        p.append(f"model.image_token_id={m.image_token_id} collides with a real token id (vocab_size={m.vocab_size}): "
+                 f"use a negative placeholder such as -200")
+
+    # --- attention shapes
+    groups = m.num_query_groups
+    groups_ok = groups is None or at_least("model.num_query_groups", groups, 1, " (or null for MHA)")
+    if groups is not None and groups_ok and ok["num_attention_heads"] and m.num_attention_heads % groups:
+        p.append(f"model.num_query_groups={groups} does not divide model.num_attention_heads={m.num_attention_heads}: "
+                 f"choose num_query_groups in {_divisors(m.num_attention_heads)}")
+    for key, h, n, good in (("model", m.hidden_size, m.num_attention_heads,
+                             ok["hidden_size"] and ok["num_attention_heads"]),
+                            ("model.vision", v.hidden_size, v.num_attention_heads,
+                             ok["vision.hidden_size"] and ok["vision.num_attention_heads"])):
+        if good and h % n:
+            p.append(f"{key}.hidden_size={h} is not divisible by {key}.num_attention_heads={n}: "
+                     f"choose num_attention_heads in {_divisors(h)}")
+
+    # --- model parallel sizes and world size
+    tp_ok, pp_ok = at_least("parallel.tp", par.tp, 1), at_least("parallel.pp", par.pp, 1)
+    dp = None
+    if not world_size >= 1:
+        p.append(f"world size {world_size} must be >= 1")
+    elif tp_ok and pp_ok:
+        mp = par.tp * par.pp
+        if world_size % mp:
+            p.append(f"world size {world_size} is not divisible by tp*pp={mp}: launch a multiple of {mp} ranks "
+                     f"or change parallel.tp/parallel.pp")
+        else:
+            dp = world_size // mp
+    if tp_ok:
+        for key, n, good in (("model.num_attention_heads", m.num_attention_heads, ok["num_attention_heads"]),
+                             ("model.num_query_groups", groups, groups is not None and groups_ok),
+                             ("model.ffn_hidden_size", m.ffn_hidden_size, ok["ffn_hidden_size"]),
+                             ("model.vision.num_attention_heads", v.num_attention_heads,
+                              ok["vision.num_attention_heads"]),
+                             ("model.vision.ffn_hidden_size", v.ffn_hidden_size, ok["vision.ffn_hidden_size"])):
+            if good and n % par.tp:
+                p.append(f"parallel.tp={par.tp} does not divide {key}={n}: choose tp in {_divisors(n)}")
+    if par.sequence_parallel and par.tp == 1:
+        p.append("parallel.sequence_parallel=true needs parallel.tp > 1: set it to false or raise parallel.tp")
+
+    # --- pipeline split
+    vpp_ok = par.vpp is None or at_least("parallel.vpp", par.vpp, 1, " (or null to disable interleaving)")
+    if par.vpp is not None and par.pp == 1:
+        p.append(f"parallel.vpp={par.vpp} needs parallel.pp > 1: raise parallel.pp or set parallel.vpp=null")
+    if pp_ok and ok["num_layers"] and par.pp > m.num_layers:
+        p.append(f"parallel.pp={par.pp} exceeds model.num_layers={m.num_layers}: use pp <= {m.num_layers}")
+    chunks = par.pp * (par.vpp or 1) if pp_ok and vpp_ok else None
+    label = "parallel.pp*parallel.vpp" if par.vpp is not None else "parallel.pp"
+    pl = par.pipeline_layers
+    if pl is not None:
+        if par.pp == 1:
+            p.append("parallel.pipeline_layers is set but parallel.pp=1: remove it or set parallel.pp > 1")
+        elif chunks and len(pl) != chunks:
+            p.append(f"parallel.pipeline_layers has {len(pl)} entries but {label}={chunks}: "
+                     f"give one layer count per (virtual) pipeline stage")
+        if any(x < 0 for x in pl):
+            p.append(f"parallel.pipeline_layers={pl} has negative entries: layer counts must be >= 0")
+        elif ok["num_layers"] and sum(pl) != m.num_layers:
+            p.append(f"parallel.pipeline_layers={pl} sums to {sum(pl)} but model.num_layers={m.num_layers}: "
+                     f"the counts must add up to num_layers")
+    elif chunks and par.pp > 1 and ok["num_layers"] and m.num_layers % chunks:
+        p.append(f"model.num_layers={m.num_layers} is not divisible by {label}={chunks}: "
+                 f"set parallel.pipeline_layers for an uneven split")
+
+    # --- batch and schedule
+    ok_iters = [at_least(f"train.{k}", getattr(t, k), 1)
+                for k in ("iters", "micro_batch_size", "global_batch_size", "log_interval")]
+    if dp and all(ok_iters):
+        per = t.micro_batch_size * dp
+        if t.global_batch_size % per:
+            p.append(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = {per} "
+                     f"(train.micro_batch_size={t.micro_batch_size}, dp={dp}): use a multiple of {per}")
+        elif par.pp > 1 and par.vpp is not None and (t.global_batch_size // per) % par.pp:
+            p.append(f"{t.global_batch_size // per} micro-batches per step (train.global_batch_size / "
+                     f"(micro_batch_size*dp)) is not divisible by parallel.pp={par.pp}, as the interleaved schedule "
+                     f"(parallel.vpp={par.vpp}) requires: make train.global_batch_size a multiple of {per * par.pp}")
+
+    # --- optimizer
+    if not t.lr > 0:
+        p.append(f"train.lr={t.lr} must be > 0")
+    elif not 0 <= t.min_lr <= t.lr:
+        p.append(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    in_range("train.lr_warmup_fraction", t.lr_warmup_fraction, 0, 1)
+    at_least("train.weight_decay", t.weight_decay, 0)
+    at_least("train.clip_grad", t.clip_grad, 0, " (0 disables clipping)")
+    for key, beta in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        if not 0 <= beta < 1:
+            p.append(f"{key}={beta} must be in [0, 1)")
+    if not t.adam_eps > 0:
+        p.append(f"train.adam_eps={t.adam_eps} must be > 0")
+    one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
+    one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
+
+    # --- vision tower and projector
+    image_ok = ok["vision.image_size"] and ok["vision.patch_size"]
+    if image_ok and v.image_size % v.patch_size:
+        lo = v.image_size // v.patch_size * v.patch_size
+        fix = f"use {lo} or {lo + v.patch_size}" if lo else f"use {v.patch_size}"
+        p.append(f"model.vision.image_size={v.image_size} is not divisible by patch_size={v.patch_size}: {fix}")
+        image_ok = False
+    if ok["vision.num_layers"] and not -v.num_layers <= v.select_layer <= -1:
+        p.append(f"model.vision.select_layer={v.select_layer} must be in [-{v.num_layers}, -1] "
+                 f"(-1 = last layer, -2 = penultimate)")
+    one_of("model.projector", m.projector, ("linear", "mlp2x_gelu"))
+    if not (m.train_llm or m.train_projector or m.train_vision):
+        p.append("nothing to train: set at least one of model.train_llm, model.train_projector, "
+                 "model.train_vision to true")
+
+    # --- data
+    if d.source != "synthetic":
+        p.append(f"data.source={d.source!r} is not supported: allowed values are 'synthetic'")
+    seq_ok = at_least("data.seq_length", d.seq_length, 1)
+    at_least("data.num_samples", d.num_samples, 1)
+    images_ok = at_least("data.max_images_per_sample", d.max_images_per_sample, 0)
+    in_range("data.text_only_fraction", d.text_only_fraction, 0, 1)
+    if seq_ok and images_ok and image_ok and d.max_images_per_sample >= 1:
+        tokens = image_tokens_per_image(cfg)
+        need = d.max_images_per_sample * tokens + 16  # images plus room for some text
+        if d.seq_length < need:
+            p.append(f"data.seq_length={d.seq_length} is too short for data.max_images_per_sample="
+                     f"{d.max_images_per_sample} image(s) of {tokens} tokens plus 16 text tokens: use seq_length >= "
+                     f"{need}, or lower max_images_per_sample / model.vision.image_size")
+
+    at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = save only at the end)")
+
+    if p:
+        raise ConfigError(p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Derived values used by the trainer (assume a validated config).
+# ----------------------------------------------------------------------------------------------------------------
+
+def image_tokens_per_image(cfg: Config) -> int:
+    v = cfg.model.vision
+    return (v.image_size // v.patch_size) ** 2
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    mp = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % mp:
+        raise ConfigError(f"world size {world_size} is not divisible by tp*pp={mp}")
+    return world_size // mp
+
+
+def resolved_pipeline_layers(cfg: Config) -> list[int] | None:
+    """LLM layers per (virtual) pipeline stage in layer order; None without pipeline parallelism."""
+    par = cfg.parallel
+    if par.pp == 1:
+        return None
+    if par.pipeline_layers is not None:
+        return list(par.pipeline_layers)
+    chunks = par.pp * (par.vpp or 1)
+    if cfg.model.num_layers % chunks:
+        raise ConfigError(f"model.num_layers={cfg.model.num_layers} is not divisible by {chunks} pipeline chunks: "
+                          f"set parallel.pipeline_layers for an uneven split")
+    return [cfg.model.num_layers // chunks] * chunks
+
+
+def num_microbatches(cfg: Config, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg, world_size))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str) -> None:
+    """Write the resolved config (every key) so a run can be reproduced with ``load_config(path)``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,105 @@
+"""LLaMA decoder on megatron-core: TransformerConfig from our config, and the layer spec (RMSNorm, SwiGLU, RoPE, GQA,
+no biases) with SDPA core attention."""
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megallava.model.attention import SDPACoreAttention
+from megallava.model.norms import RMSNorm
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def pipeline_layout(pipeline_layers):
+    """megatron's layout list for per-(virtual-)stage LLM layer counts, given in layer order."""
+    if pipeline_layers is None:
+        return None
+    layout = [["decoder"] * n for n in pipeline_layers]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
+def llm_transformer_config(cfg, pipeline_layers, params_dtype: torch.dtype) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    bf16 = params_dtype == torch.bfloat16
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.pp > 1 else None,
+        pipeline_model_parallel_layout=pipeline_layout(pipeline_layers),
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        moe_token_dispatcher_type="alltoall",  # unused (no MoE); the default refuses variable_seq_lengths
+        variable_seq_lengths=True,            # micro-batches are padded to their own longest sample
+        calculate_per_token_loss=True,        # loss = sum over trained tokens / their count, across micro-batches and DP
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # megatron marks TP attributes (partition_dim, ...) only when it initialises; megallava.model.init then
+        # overwrites every weight with a layout-independent draw.
+        perform_initialization=True,
+    )
+
+
+def llm_layer_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPACoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def rotary_freqs(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE angles in megatron's layout [s, 1, 1, d] (rotate-half form, as HF LLaMA: no q/k permutation)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]

@@ -1,0 +1,111 @@
+"""One pipeline chunk of a LLaVA model: [ViT -> projector -> embedding merge] (first chunk only), LLaMA layers,
+[final norm -> vocab-parallel output + loss] (last chunk only)."""
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megallava.model.llama import llm_layer_spec, padded_vocab_size, rotary_freqs
+from megallava.model.norms import RMSNorm
+from megallava.model.projector import Projector
+from megallava.model.vision import CLIPVisionTower, vision_transformer_config
+
+
+def _no_init(_):
+    pass
+
+
+class LLaVAChunk(MegatronModule):
+    def __init__(self, model_cfg, config: TransformerConfig, pre_process: bool, post_process: bool,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config=config)
+        self.model_cfg = model_cfg
+        # Read by megatron's schedules and finalize_model_grads: LLaMA's embedding and lm_head are untied.
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        tp = config.tensor_model_parallel_size
+        self.vocab_size = model_cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
+        self.vision_calls = 0  # counted so tests can assert a text-only micro-batch never runs the ViT
+
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                self.padded_vocab_size, config.hidden_size, init_method=_no_init, config=config)
+            vconfig = vision_transformer_config(model_cfg.vision, config)
+            self.vision = CLIPVisionTower(model_cfg.vision, vconfig)
+            self.projector = Projector(model_cfg.projector, model_cfg.vision.hidden_size, config.hidden_size, vconfig)
+
+        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        self.decoder = TransformerBlock(
+            config, TransformerBlockSubmodules(layer_specs=[llm_layer_spec()] * num_layers, layer_norm=RMSNorm),
+            pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, self.padded_vocab_size, config=config, init_method=_no_init, bias=False,
+                gather_output=False)
+
+    def set_input_tensor(self, input_tensor):
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    # --- first chunk -------------------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, images: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens [b, s] with ``image_token_id`` runs (one id per image feature); images [n, 3, H, W] in order of
+        appearance. Returns decoder input [s, b, h] (scattered over TP ranks under sequence parallelism)."""
+        is_image = tokens == self.model_cfg.image_token_id
+        emb = self.embedding(tokens.masked_fill(is_image, 0))  # [b, s, h]
+        n_images = 0 if images is None else images.shape[0]
+        n_slots = int(is_image.sum())
+        if n_slots != n_images * self.vision.num_patches:
+            raise ValueError(f"micro-batch has {n_slots} image placeholder tokens but {n_images} images x "
+                             f"{self.vision.num_patches} features: expand each <image> to exactly that many ids")
+        if n_images:
+            self.vision_calls += 1
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.model_cfg.train_vision):
+                features = self.vision(images)
+            features = self.projector(features)  # [n, p, h]
+            emb = emb.masked_scatter(is_image.unsqueeze(-1), features.to(emb.dtype))
+        emb = emb.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    # --- last chunk --------------------------------------------------------------------------------------------
+    def vocab_parallel_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] -> [s, b, padded_vocab / tp] with padding columns at -inf so they never enter the softmax."""
+        logits, _ = self.output_layer(hidden)
+        part = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * part
+        if start + part > self.vocab_size:
+            pad = torch.arange(start, start + part, device=logits.device) >= self.vocab_size
+            logits = logits.masked_fill(pad, float("-inf"))
+        return logits
+
+    def forward(self, tokens: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
+        """Returns per-token loss [b, s] (0 where label is -100) on the last chunk when labels are given, vocab-parallel
+        logits [b, s, v/tp] on the last chunk otherwise, and hidden states on other chunks."""
+        hidden = self.embed(tokens, images) if self.pre_process else None
+        local = hidden if hidden is not None else self.decoder.input_tensor
+        seq_length = local.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
+        rope = rotary_freqs(seq_length, self.config.kv_channels, self.model_cfg.rope_theta, device=local.device)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        if not self.post_process:
+            return hidden
+        logits = self.vocab_parallel_logits(hidden)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        target = labels.transpose(0, 1).contiguous()
+        ignore = target < 0
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
+        return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()

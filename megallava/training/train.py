@@ -1,0 +1,104 @@
+"""Training entry point: ``torchrun --nproc-per-node N -m megallava.train --config FILE [key=value ...]``."""
+import argparse
+import sys
+import time
+
+import torch
+
+from megallava import config as C
+from megallava.distributed import LaunchEnv, init_distributed, launch_env, shutdown
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="megallava.train", description=__doc__)
+    parser.add_argument("--config", help="YAML config file (see examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.iters=20")
+    return parser.parse_args(argv)
+
+
+def load_and_validate(argv, env: LaunchEnv) -> C.Config:
+    args = parse_args(argv)
+    cfg = C.load_config(args.config, args.overrides)
+    C.validate(cfg, env.world_size)
+    return cfg
+
+
+def data_iterators(cfg, chunks, dp_rank: int, dp_size: int, start_iteration: int = 0):
+    """One iterator per model chunk that needs data: the first chunk (tokens, images) and the last (labels)."""
+    from megallava.data.batching import microbatch_iterator
+    from megallava.data.synthetic import SyntheticConversations
+
+    m, d = cfg.model, cfg.data
+    source = SyntheticConversations(cfg.train.seed, m.vocab_size, d.seq_length, m.vision.image_size,
+                                    C.image_tokens_per_image(cfg), m.image_token_id, d.text_only_fraction,
+                                    d.max_images_per_sample)
+    pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    iterators = []
+    for chunk in chunks:
+        if not (chunk.pre_process or chunk.post_process):
+            iterators.append(None)
+            continue
+        iterators.append(microbatch_iterator(source.sample, d.num_samples, cfg.train.global_batch_size,
+                                             cfg.train.micro_batch_size, dp_rank, dp_size, start_iteration, pad,
+                                             with_images=chunk.pre_process))
+    return iterators
+
+
+def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
+    """Train ``cfg.train.iters`` iterations; returns the per-iteration records (on every rank)."""
+    from megatron.core import parallel_state
+    from megallava.model.build import build_chunks
+    from megallava.training.metrics import MetricsWriter
+    from megallava.training.optimizer import build_optimizer, wrap_ddp
+    from megallava.training.step import train_step
+
+    p = cfg.parallel
+    init_distributed(p.tp, p.pp, p.vpp, cfg.train.seed, env)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        C.dump_yaml(cfg, f"{cfg.train.run_dir}/config.yaml")
+    chunks = build_chunks(cfg)
+    model = wrap_ddp(chunks, cfg)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    iterators = data_iterators(cfg, chunks, parallel_state.get_data_parallel_rank(), dp_size)
+    n_micro = C.num_microbatches(cfg, env.world_size)
+    metrics = MetricsWriter(cfg.train.run_dir, enabled=rank0)
+    records = []
+    for iteration in range(1, cfg.train.iters + 1):
+        start = time.perf_counter()
+        out = train_step(model, optimizer, scheduler, iterators, n_micro, cfg.train.micro_batch_size,
+                         cfg.data.seq_length)
+        loss_sum, tokens = out["loss_stats"].tolist()
+        record = {"iteration": iteration, "loss": loss_sum / max(tokens, 1.0), "lr": out["lr"],
+                  "grad_norm": out["grad_norm"], "trained_tokens": int(tokens),
+                  "step_time_s": time.perf_counter() - start}
+        records.append(record)
+        if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.iters:
+            metrics.log(record)
+        if on_iteration is not None:
+            on_iteration(iteration, model, out)
+    metrics.close()
+    return records
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    env = launch_env()
+    try:
+        cfg = load_and_validate(argv, env)
+    except C.ConfigError as err:
+        # Every rank validates the same config; one prints. No traceback: the message names each fix.
+        if env.rank == 0:
+            print(f"megallava.train: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg, env)
+    finally:
+        if torch.distributed.is_initialized():
+            shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
