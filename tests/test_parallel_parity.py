@@ -75,7 +75,9 @@ def test_layout_matches_single_rank(layout, reference, tmp_path):
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(reference["grad_norms"]),
                                rtol=1e-4, atol=1e-6)
     for name in NAMES:
-        torch.testing.assert_close(got["weights"][name], reference["weights"][name], rtol=1e-4, atol=1e-6,
+        # Adam divides by sqrt(v): a near-zero grad turns float-rounding noise into a visible update, so compare
+        # weights to 1e-5 absolute (0.3% of one lr=3e-3 step) rather than relatively.
+        torch.testing.assert_close(got["weights"][name], reference["weights"][name], rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{layout}: weight {name} after {ITERS} iterations: {m}")
         if grads_full:  # with DP > 1 the distributed optimizer keeps only this rank's grad shard
             torch.testing.assert_close(got["grads"][name], reference["grads"][name], rtol=1e-4, atol=1e-7,

@@ -31,6 +31,17 @@ def collate(samples: List[Dict], pad_multiple: int = 1, with_images: bool = True
     return batch
 
 
+def pad_batch(batch: Dict, length: int) -> Dict:
+    """Right-pad a collated batch to ``length`` positions (pad id 0, label -100)."""
+    extra = length - batch["tokens"].shape[1]
+    if extra <= 0:
+        return batch
+    out = dict(batch)
+    out["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=0)
+    out["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    return out
+
+
 def microbatch_iterator(get_sample: Callable[[int, bool], Dict], num_samples: int, global_batch_size: int,
                         micro_batch_size: int, dp_rank: int, dp_size: int, start_iteration: int = 0,
                         pad_multiple: int = 1, with_images: bool = True) -> Iterator[Dict]:

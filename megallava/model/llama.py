@@ -59,7 +59,14 @@ def llm_transformer_config(cfg, pipeline_layers, params_dtype: torch.dtype) -> T
         pipeline_dtype=params_dtype,
         bf16=bf16,
         moe_token_dispatcher_type="alltoall",  # unused (no MoE); the default refuses variable_seq_lengths
-        variable_seq_lengths=True,            # micro-batches are padded to their own longest sample
+        # Micro-batches are padded to their own longest sample and stages exchange shapes first, except with vpp:
+        # megatron's shape exchange is always batched (the mispairing below), so interleaving pads a step to its
+        # longest micro-batch instead (training/step.py).
+        variable_seq_lengths=not (p.pp > 1 and p.vpp),
+        # megatron's batched p2p pairs messages per peer in issue order; at pp=2 the previous and next stage are the
+        # same peer and the interleaved schedule's combined send/recv then swaps activations and gradients. The
+        # unbatched path sends each direction on its own process group.
+        batch_p2p_comm=False,
         calculate_per_token_loss=True,        # loss = sum over trained tokens / their count, across micro-batches and DP
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

@@ -6,6 +6,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megallava.data.batching import pad_batch
 from megallava.model.init import unwrap
 
 
@@ -38,6 +39,10 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
+    config = model[0].config
+    if not config.variable_seq_lengths:
+        data_iterators, seq_length = _pad_step_to_common_length(data_iterators, num_microbatches,
+                                                                config.sequence_parallel)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
@@ -49,6 +54,23 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
         scheduler.step(increment=1)
     return {"loss_stats": _global_loss_stats(losses), "grad_norm": float(grad_norm or 0.0),
             "lr": optimizer.param_groups[0]["lr"], "update_ok": bool(update_ok)}
+
+
+def _pad_step_to_common_length(data_iterators, num_microbatches: int, sequence_parallel: bool):
+    """Static pipeline shapes for the interleaved schedule: fetch this step's micro-batches, agree on the longest
+    over the pipeline group (middle stages read no data and contribute 0), pad every micro-batch to it."""
+    fetched = [None if it is None else [next(it) for _ in range(num_microbatches)] for it in data_iterators]
+    longest = max([b["tokens"].shape[1] for chunk in fetched if chunk for b in chunk] or [0])
+    length = torch.tensor([longest], dtype=torch.long,
+                          device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_pipeline_model_parallel_group())
+    seq_length = int(length.item())
+    if sequence_parallel:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        seq_length = -(-seq_length // tp) * tp
+    padded = [None if chunk is None else iter([pad_batch(b, seq_length) for b in chunk]) for chunk in fetched]
+    return padded, seq_length
 
 
 def _global_loss_stats(losses) -> torch.Tensor:
