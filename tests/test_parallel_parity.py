@@ -82,3 +82,19 @@ def test_layout_matches_single_rank(layout, reference, tmp_path):
         if grads_full:  # with DP > 1 the distributed optimizer keeps only this rank's grad shard
             torch.testing.assert_close(got["grads"][name], reference["grads"][name], rtol=1e-4, atol=1e-7,
                                        msg=lambda m: f"{layout}: grad of {name}: {m}")
+
+
+STAGE1 = ["model.train_llm=false"]  # projector alignment: ViT and LLM frozen
+
+
+def test_stage1_projector_only_matches_across_layouts(tmp_path):
+    """Stage 1 at PP2: the second stage holds no trainable parameter at all, yet gradients flow through it to the
+    projector on stage 0; losses match TP1 and only the projector moves."""
+    ref = train_layout(1, STAGE1, tmp_path / "ref")
+    got = train_layout(4, STAGE1 + ["parallel.tp=2", "parallel.pp=2"], tmp_path / "tp2pp2")
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    assert ref["losses"][0] > ref["losses"][-1]
+    init = train_layout(1, STAGE1 + ["train.lr=1e-30", "train.min_lr=0"], tmp_path / "init")  # ~unchanged weights
+    for name in NAMES:
+        moved = not torch.allclose(got["weights"][name], init["weights"][name], rtol=0, atol=1e-7)
+        assert moved == name.startswith("projector."), f"{name}: moved={moved} in stage 1"

@@ -75,7 +75,10 @@ def local_pieces(chunks, names, tp_rank: int, use_main_grad: bool = False):
     out = {}
     for name, param in iter_canonical_params(chunks):
         if name in names:
-            t = param.main_grad if use_main_grad else param
+            t = param
+            if use_main_grad:  # frozen parameters have no grad buffer: their gradient is zero by definition
+                t = getattr(param, "main_grad", None)
+                t = torch.zeros_like(param) if t is None else t
             out[name] = (tp_rank, t.detach().clone().float().cpu(), is_tensor_parallel(param),
                          getattr(param, "partition_dim", 0))
     return out

@@ -1,0 +1,155 @@
+"""Numerical parity with HF transformers' LlavaForConditionalGeneration: a tiny random HF model, converted with
+convert/hf_names.py and sharded with convert/layout.py, gives HF's logits and loss at TP1 x PP1 and TP2 x PP2."""
+import pytest
+import torch
+
+from megallava import config as C
+from megallava.convert import hf_names
+from tests.multirank import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, IMAGE_TOKEN, IMAGE, PATCH = 500, 499, 56, 14  # vocab not a multiple of 128 x tp: exercises the padding
+NUM_PATCHES = (IMAGE // PATCH) ** 2
+OVERRIDES = [
+    "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=176", "model.num_attention_heads=4",
+    "model.num_query_groups=2", f"model.vocab_size={VOCAB}", "model.rms_norm_eps=1e-5", "model.rope_theta=10000",
+    f"model.image_token_id={IMAGE_TOKEN}", "model.projector=mlp2x_gelu", "model.train_vision=false",
+    f"model.vision.image_size={IMAGE}", f"model.vision.patch_size={PATCH}", "model.vision.num_layers=3",
+    "model.vision.hidden_size=32", "model.vision.ffn_hidden_size=64", "model.vision.num_attention_heads=2",
+    "model.vision.layer_norm_eps=1e-5", "model.vision.select_layer=-2", "train.precision=fp32",
+]
+
+
+def hf_model():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=128, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=IMAGE, patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                      projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).float().eval()
+    # HF inits norms to 1 and biases to 0: randomise every tensor so a mis-mapped one cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_((0.1 if p.ndim == 1 else 0.05) * torch.randn_like(p))
+    return model
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    s = NUM_PATCHES + 12
+    ids = torch.randint(0, IMAGE_TOKEN, (2, s), generator=gen)
+    ids[0, 3:3 + NUM_PATCHES] = IMAGE_TOKEN  # sequence 0 holds one image, sequence 1 is text only
+    hf_labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    hf_labels[1, :5] = -100
+    labels = torch.cat([hf_labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # ours are pre-shifted
+    pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=gen)
+    return ids, pixels, hf_labels, labels
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = hf_model()
+    ids, pixels, hf_labels, labels = inputs()
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, labels=hf_labels)
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "logits": out.logits.float(),
+            "loss": float(out.loss), "batch": (ids, pixels, labels)}
+
+
+def test_round_trip_is_bitwise(reference):
+    cfg = C.load_config(None, OVERRIDES)
+    sd = reference["state"]
+    back = hf_names.canonical_to_hf(hf_names.hf_to_canonical(sd, cfg.model), cfg.model)
+    # Only what megallava never builds is dropped: the ViT layers after the selected one and post_layernorm.
+    assert set(sd) - set(back) == {k for k in sd if k.startswith(("model.vision_tower.encoder.layers.2.",
+                                                                   "model.vision_tower.post_layernorm."))}
+    assert set(back) <= set(sd)
+    for k, v in back.items():
+        assert v.dtype == sd[k].dtype and torch.equal(v, sd[k]), k
+
+
+def test_round_trip_other_spellings_and_errors(reference):
+    cfg = C.load_config(None, OVERRIDES)
+    sd = reference["state"]
+    canonical = hf_names.hf_to_canonical(sd, cfg.model)
+    disk_4x = {k.replace("model.language_model.", "language_model.model.").replace("lm_head.", "language_model.lm_head.")
+               .replace("model.vision_tower.", "vision_tower.vision_model.")
+               .replace("model.multi_modal_projector.", "multi_modal_projector."): v for k, v in sd.items()}
+    other = hf_names.hf_to_canonical(disk_4x, cfg.model)
+    assert set(other) == set(canonical) and all(torch.equal(other[k], canonical[k]) for k in canonical)
+    with pytest.raises(KeyError, match="up_proj"):
+        hf_names.hf_to_canonical({k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k}, cfg.model)
+    with pytest.raises(ValueError, match="extra_tensor"):
+        hf_names.hf_to_canonical({**sd, "model.language_model.layers.0.extra_tensor": sd["lm_head.weight"]},
+                                 cfg.model)
+    with pytest.raises(KeyError, match="output_layer"):
+        hf_names.canonical_to_hf({k: v for k, v in canonical.items() if k != "output_layer.weight"}, cfg.model)
+    mha = C.load_config(None, OVERRIDES + ["model.num_query_groups=4"])
+    with pytest.raises(ValueError, match="query groups"):
+        hf_names.hf_to_canonical(sd, mha.model)
+
+
+def ranks_forward(world_size, tp, pp, hf_state, batch):
+    ids, pixels, labels = batch
+
+    def fn(rank, env):
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megallava.convert.layout import is_tensor_parallel, shard
+        from megallava.distributed import init_distributed
+        from megallava.model.build import build_chunks
+        from megallava.model.init import iter_canonical_params
+
+        cfg = C.load_config(None, OVERRIDES + [f"parallel.tp={tp}", f"parallel.pp={pp}"])
+        init_distributed(tp, pp, None, seed=0, env=env)
+        chunks = build_chunks(cfg)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        full = hf_names.hf_to_canonical(hf_state, cfg.model)
+        with torch.no_grad():
+            for name, param in iter_canonical_params(chunks):
+                param.copy_(shard(full[name], name, is_tensor_parallel(param), getattr(param, "partition_dim", 0),
+                                  tp_rank, tp, chunks[0].padded_vocab_size))
+        for c in chunks:
+            c.eval()
+        device = next(chunks[0].parameters()).device
+
+        def run(with_labels):
+            def step(data_iterator, model):
+                return model(tokens=ids.to(device), images=pixels.to(device),
+                             labels=labels.to(device) if with_labels else None), None  # None: store the output
+
+            with torch.no_grad():
+                out = get_forward_backward_func()(
+                    forward_step_func=step, data_iterator=iter([None]), model=chunks[0], num_microbatches=1,
+                    seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True)
+            return out[0].float().cpu() if out else None
+
+        return {"tp_rank": tp_rank, "last": parallel_state.is_pipeline_last_stage(),
+                "logits": run(False), "token_loss": run(True)}
+
+    results = [r for r in run_ranks(world_size, fn) if r["last"]]
+    logits = torch.cat([r["logits"] for r in sorted(results, key=lambda r: r["tp_rank"])], dim=-1)[..., :VOCAB]
+    n = (labels >= 0).sum()
+    return logits, float(results[0]["token_loss"].sum() / n)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_logits_and_loss_match_hf(reference, tp, pp):
+    logits, loss = ranks_forward(tp * pp, tp, pp, reference["state"], reference["batch"])
+    ref = reference["logits"]
+    assert logits.shape == ref.shape
+    diff = (logits - ref).abs().max().item()
+    print(f"tp{tp}pp{pp}: max |logit diff| = {diff:.3e}, loss {loss:.8f} vs HF {reference['loss']:.8f}")
+    assert ref.abs().max() > 1.0  # logits are not vanishingly small, so 1e-4 is a real bound
+    assert diff < 1e-4
+    assert loss == pytest.approx(reference["loss"], rel=1e-5)
