@@ -61,6 +61,7 @@ LAYOUTS = {
     "dp2_distopt": (2, ["parallel.use_distributed_optimizer=true"], False),
     "pp2_uneven": (2, ["parallel.pp=2", "parallel.pipeline_layers=[1,3]"], True),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], True),
+    "tp2pp2dp2_distopt_sp": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False),
 }
 
 

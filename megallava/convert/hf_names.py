@@ -119,7 +119,7 @@ def _fuse_qkv(q, k, v, geo, name):
             raise ValueError(f"{name}: HF {what} has {t.shape[0]} rows, the config's {heads} heads / {groups} "
                              f"query groups x head dim {d} need {rows}")
     q, k, v = (t.reshape(groups, -1, *t.shape[1:]) for t in (q, k, v))
-    return torch.cat([q.flatten(0,1), k.flatten(0,1), v.flatten(0,1)]).reshape(-1, *q.shape[2:])
+    return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
 
 
 def _split_qkv(qkv, geo, name):

@@ -24,7 +24,8 @@ def collate(samples: List[Dict], pad_multiple: int = 1, with_images: bool = True
         tokens[i, :n] = s["tokens"]
         labels[i, :n] = s["labels"]
     batch = {"tokens": tokens, "labels": labels,
-             "num_images": sum(int(s["images"].shape[0]) for s in samples if "images" in s)}
+             "lengths": [s["tokens"].numel() for s in samples],  # unpadded, for FLOP and token accounting
+             "num_images": sum(int(s["images"].shape[0]) for s in samples)}
     if with_images:
         images = [s["images"] for s in samples if s["images"].shape[0] > 0]
         batch["images"] = torch.cat(images) if images else None
