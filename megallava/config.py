@@ -300,9 +300,7 @@ def validate(cfg: Config, world_size: int) -> None:
                        ("model.init_std", m.init_std), ("model.vision.layer_norm_eps", v.layer_norm_eps)):
         if not value > 0:
             p.append(f"{key}={value} must be > 0")
-    if 0 <= m.image_token_id < m.vocab_size:
-        p.append(f"model.image_token_id={m.image_token_id} collides with a real token id (vocab_size={m.vocab_size}): "
-                 f"use a negative placeholder such as -200")
+    # image_token_id may be negative (LLaVA's -200) or a real vocab id (llava-hf adds <image> to the vocab).
 
     # --- attention shapes
     groups = m.num_query_groups
