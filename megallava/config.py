@@ -79,22 +79,41 @@ class TrainConfig:
     precision: str = "auto"                          # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     run_dir: str = "runs/default"
     log_interval: int = 1
+    exit_interval: Optional[int] = None              # stop (and save) after this iteration; schedule spans iters
+
+
+@dataclass
+class SourceConfig:
+    """One shard directory (tools/make_shards.py output) in the data mix."""
+    path: str = ""                                   # directory holding manifest.json and the .tar shards
+    weight: float = 1.0                              # relative share of samples drawn from this source
+    template: str = "vicuna_v1"                      # conversation template (megallava.data.templates.TEMPLATES)
+    name: Optional[str] = None                       # label in metrics; default: the manifest's source name
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"                        # "synthetic" until the webdataset loader lands
+    source: str = "synthetic"                        # "synthetic" | "shards" (webdataset shards, data.sources)
     seq_length: int = 2048
     num_samples: int = 100000                        # synthetic epoch size
     text_only_fraction: float = 0.25                 # synthetic: share of language-only samples
     max_images_per_sample: int = 1                   # synthetic: images per multimodal sample (1..n)
+    sources: List[SourceConfig] = field(default_factory=list)  # shards: the mix, e.g. [{path: shards/x, weight: 0.8}]
+    tokenizer: Optional[str] = None                  # shards: sentencepiece tokenizer.model
+    image_mode: str = "pad"                          # shards: "pad" (LLaVA expand-to-square) | "resize"
+    num_workers: int = 2                             # shards: DataLoader worker processes per data iterator
+    overlong: str = "truncate"                       # shards: "truncate" (never through an image) | "drop"
+    packing: bool = False                            # shards: several samples per row (not yet supported)
+    shuffle: bool = True                             # shards: a seeded permutation of each source per epoch
 
 
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
     interval: int = 0                                # 0 = only at the end (when dir is set)
-    load: Optional[str] = None
+    load: Optional[str] = None                       # a checkpoint root (uses its `latest`) or one iter_N dir
+    keep: Optional[int] = None                       # keep only the newest N checkpoints (None = all)
+    load_optimizer: bool = True                      # false = weights-only resume (e.g. after a layout change)
 
 
 @dataclass
@@ -186,6 +205,16 @@ def _unknown(prefix: str, name: Any, valid: Sequence[str]) -> str:
 
 def _set(obj: Any, name: str, value: Any, key: str, problems: list[str], raw: str | None = None) -> None:
     hint = _hints(type(obj))[name]
+    item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+    if dataclasses.is_dataclass(item):  # a list of sections (data.sources): each item is checked like a section
+        if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+            problems.append(f"{key}: expected a list of mappings, got {value!r}")
+            return
+        items = [item() for _ in value]
+        for i, (obj_i, data) in enumerate(zip(items, value)):
+            _apply_mapping(obj_i, data, f"{key}[{i}].", problems)
+        setattr(obj, name, items)
+        return
     if dataclasses.is_dataclass(hint):
         if value is None:  # an empty section (`checkpoint:`) keeps the defaults
             return
@@ -409,8 +438,10 @@ def validate(cfg: Config, world_size: int) -> None:
                  "model.train_vision to true")
 
     # --- data
-    if d.source != "synthetic":
-        p.append(f"data.source={d.source!r} is not supported: allowed values are 'synthetic'")
+    if d.source not in ("synthetic", "shards"):
+        p.append(f"data.source={d.source!r} is not supported: allowed values are 'synthetic', 'shards'")
+    if d.source == "shards":
+        _validate_shard_data(d, p)
     seq_ok = at_least("data.seq_length", d.seq_length, 1)
     at_least("data.num_samples", d.num_samples, 1)
     images_ok = at_least("data.max_images_per_sample", d.max_images_per_sample, 0)
@@ -424,9 +455,48 @@ def validate(cfg: Config, world_size: int) -> None:
                      f"{need}, or lower max_images_per_sample / model.vision.image_size")
 
     at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = save only at the end)")
+    if t.exit_interval is not None:
+        at_least("train.exit_interval", t.exit_interval, 1, " (or null to run all train.iters)")
+    if cfg.checkpoint.keep is not None:
+        at_least("checkpoint.keep", cfg.checkpoint.keep, 1, " (or null to keep every checkpoint)")
+    if cfg.checkpoint.interval and not cfg.checkpoint.dir:
+        p.append(f"checkpoint.interval={cfg.checkpoint.interval} needs checkpoint.dir (where to save)")
+    if cfg.checkpoint.load is not None and not os.path.exists(cfg.checkpoint.load):
+        p.append(f"checkpoint.load={cfg.checkpoint.load} does not exist")
 
     if p:
         raise ConfigError(p)
+
+
+def _validate_shard_data(d: DataConfig, p: list[str]) -> None:
+    """data.source=shards: the mix, the tokenizer and the loader options."""
+    from megallava.data.templates import TEMPLATES
+    if not d.sources:
+        p.append("data.source=shards needs data.sources: a list of shard directories, e.g. "
+                 "[{path: shards/instruct, weight: 0.8}, {path: shards/sharegpt, weight: 0.2}]")
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not s.path:
+            p.append(f"{key}.path is empty: give the shard directory written by tools/make_shards.py")
+        elif not os.path.isfile(os.path.join(s.path, "manifest.json")):
+            what = "does not exist" if not os.path.exists(s.path) else "has no manifest.json"
+            p.append(f"{key}.path={s.path} {what}: write it with tools/make_shards.py --out {s.path}")
+        if not s.weight > 0:
+            p.append(f"{key}.weight={s.weight} must be > 0")
+        if s.template not in TEMPLATES:
+            p.append(f"{key}.template={s.template!r} is not supported: use one of {', '.join(TEMPLATES)}")
+    if not d.tokenizer:
+        p.append("data.source=shards needs data.tokenizer: the path of a sentencepiece tokenizer.model")
+    elif not os.path.isfile(d.tokenizer):
+        p.append(f"data.tokenizer={d.tokenizer} does not exist")
+    for key, value, allowed in (("data.image_mode", d.image_mode, ("pad", "resize")),
+                                ("data.overlong", d.overlong, ("truncate", "drop"))):
+        if value not in allowed:
+            p.append(f"{key}={value!r} is not supported: use one of {', '.join(allowed)}")
+    if not d.num_workers >= 0:
+        p.append(f"data.num_workers={d.num_workers} must be >= 0 (0 = read in the training process)")
+    if d.packing:
+        p.append("data.packing=true is not yet supported: set data.packing=false")
 
 
 # ----------------------------------------------------------------------------------------------------------------

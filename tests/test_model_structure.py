@@ -21,7 +21,7 @@ def expected_counts(cfg):
     projector = hv * h + h + h * h + h
     kv = (m.num_query_groups or m.num_attention_heads) * (h // m.num_attention_heads)
     llm_layer = 2 * h + (h + 2 * kv) * h + h * h + 3 * f * h
-    padded_vocab = 512  # 500 padded to a multiple of 128 * tp (tp <= 4)
+    padded_vocab = 1024  # 500 padded to a multiple of 128 * lcm(tp, 8)
     return {"vision": vision, "projector": projector, "embedding": padded_vocab * h, "layer": llm_layer,
             "final_norm": h, "output": padded_vocab * h}
 

@@ -1,5 +1,7 @@
 """LLaMA decoder on megatron-core: TransformerConfig from our config, and the layer spec (RMSNorm, SwiGLU, RoPE, GQA,
 no biases) with SDPA core attention."""
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -17,7 +19,10 @@ from megallava.model.norms import RMSNorm
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
+    """Vocab rows padded to a multiple of ``divisible_by x lcm(tp, 8)``: the same padded size at every tp <= 8, so
+    a checkpoint's embedding and output layer reshard between TP sizes without conversion. Padding rows are
+    zero and masked to -inf before the softmax, so they never change the loss."""
+    multiple = divisible_by * math.lcm(tp, 8)
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 

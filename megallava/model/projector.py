@@ -1,7 +1,7 @@
 """Vision -> LLM projector: LLaVA's ``linear`` or ``mlp2x_gelu`` (Linear, GELU, Linear), tensor-parallel."""
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from torch import nn
+from megatron.core.transformer.module import MegatronModule
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 
@@ -10,10 +10,10 @@ def _no_init(_):
     pass
 
 
-class Projector(nn.Module):
+class Projector(MegatronModule):  # MegatronModule: its checkpoint keys know the TP sharding
     def __init__(self, kind: str, vision_hidden: int, llm_hidden: int, config):
         """``config`` must not be sequence-parallel: the projector runs on image features before the SP scatter."""
-        super().__init__()
+        super().__init__(config=config)
         if kind not in PROJECTOR_TYPES:
             raise ValueError(f"unknown projector {kind!r}: use one of {PROJECTOR_TYPES}")
         self.kind = kind

@@ -1,8 +1,13 @@
 """Per-iteration metrics: ``<run_dir>/metrics.jsonl`` (one JSON object per logged iteration), TensorBoard events in
-``<run_dir>/tb/``, and a concise progress line. Written by global rank 0 only."""
+``<run_dir>/tb/``, and a concise progress line. Written by global rank 0 only.
+
+A record is a flat dict with ``iteration`` plus any keys; values may be None (unknown, e.g. ``mfu`` on a CPU), which
+JSON keeps as null and TensorBoard skips. A nested dict (e.g. per-source losses) becomes TensorBoard tags
+``key/sub``."""
 import json
+import numbers
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 
 class MetricsWriter:
@@ -19,24 +24,72 @@ class MetricsWriter:
         except ImportError:  # tensorboard is optional at run time
             self._tb = None
 
-    def log(self, record: Dict) -> None:
+    def log(self, record: Dict, total: Optional[int] = None) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, default=_to_json) + "\n")
         if self._tb is not None:
-            step = record["iteration"]
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
-        print(format_progress(record), flush=True)
+            step = int(record["iteration"])
+            for tag, value in _scalars(record):
+                if tag != "iteration":
+                    self._tb.add_scalar(tag, value, step)
+        print(format_progress(record, total), flush=True)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             if self._tb is not None:
                 self._tb.close()
+            self.enabled = False
+
+
+def _to_json(value):
+    """numpy / 0-d torch scalars -> Python numbers (json cannot write them natively)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"metrics value of type {type(value).__name__} is not JSON serialisable")
+
+
+def _scalars(record: Dict, prefix: str = "") -> Iterator[Tuple[str, float]]:
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, numbers.Number):
+            yield f"{prefix}{key}", float(value.item())  # 0-d tensor
+        elif isinstance(value, numbers.Real):  # bools log as 0/1; None and strings are skipped
+            yield f"{prefix}{key}", float(value)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
 
 
 def format_progress(r: Dict, total: Optional[int] = None) -> str:
-    return (f"iter {r['iteration']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad_norm {r['grad_norm']:.3f} | "
-            f"tokens {r['trained_tokens']} | {r['step_time_s'] * 1000:.0f} ms")
+    """One line per logged iteration; fields whose key is missing or None are left out."""
+    def has(key):
+        return isinstance(r.get(key), numbers.Real)
+
+    parts = [f"iter {r['iteration']}" + (f"/{total}" if total else "")]
+    if has("loss"):
+        parts.append(f"loss {r['loss']:.4f}")
+    if has("lr"):
+        parts.append(f"lr {r['lr']:.2e}")
+    if has("grad_norm"):
+        parts.append(f"gnorm {r['grad_norm']:.3f}")
+    if has("step_time_s"):
+        parts.append(f"{r['step_time_s'] * 1000:.0f} ms")
+    if has("tokens_per_s"):
+        parts.append(f"{_si(r['tokens_per_s'])} tok/s")
+    if has("tflops_per_gpu"):
+        parts.append(f"{r['tflops_per_gpu']:.1f} TFLOP/s/gpu")
+    if has("mfu"):
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if has("mem_gib"):
+        parts.append(f"{r['mem_gib']:.1f} GiB")
+    skipped = [f"{k[len('skipped_'):]} {r[k]}" for k in sorted(r) if k.startswith("skipped_") and r[k]]
+    if skipped:
+        parts.append("skipped " + ", ".join(skipped))
+    return " | ".join(parts)

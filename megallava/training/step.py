@@ -49,11 +49,12 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves it afterwards)
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
-    return {"loss_stats": _global_loss_stats(losses), "grad_norm": float(grad_norm or 0.0),
-            "lr": optimizer.param_groups[0]["lr"], "update_ok": bool(update_ok)}
+    return {"loss_stats": _global_loss_stats(losses), "grad_norm": float(grad_norm or 0.0), "lr": lr,
+            "update_ok": bool(update_ok)}
 
 
 def _pad_step_to_common_length(data_iterators, num_microbatches: int, sequence_parallel: bool):

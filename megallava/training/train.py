@@ -45,14 +45,17 @@ def data_iterators(cfg, chunks, dp_rank: int, dp_size: int, start_iteration: int
 
 
 def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
-    """Train ``cfg.train.iters`` iterations; returns the per-iteration records (on every rank)."""
+    """Train up to ``cfg.train.iters`` iterations (resuming from ``checkpoint.load``); returns this run's
+    per-iteration records (on every rank)."""
     from megatron.core import parallel_state
     from megallava.model.build import build_chunks
+    from megallava.training import checkpoint
     from megallava.training.metrics import MetricsWriter
     from megallava.training.optimizer import build_optimizer, wrap_ddp
+    from megallava.training.preemption import PreemptionHandler
     from megallava.training.step import train_step
 
-    p = cfg.parallel
+    p, ck = cfg.parallel, cfg.checkpoint
     init_distributed(p.tp, p.pp, p.vpp, cfg.train.seed, env)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
@@ -60,24 +63,34 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     chunks = build_chunks(cfg)
     model = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(model, cfg)
+    start = checkpoint.load(ck.load, model, optimizer, scheduler, ck.load_optimizer) if ck.load else 0
     dp_size = parallel_state.get_data_parallel_world_size()
-    iterators = data_iterators(cfg, chunks, parallel_state.get_data_parallel_rank(), dp_size)
+    iterators = data_iterators(cfg, chunks, parallel_state.get_data_parallel_rank(), dp_size, start)
     n_micro = C.num_microbatches(cfg, env.world_size)
     metrics = MetricsWriter(cfg.train.run_dir, enabled=rank0)
+    preemption = PreemptionHandler(enabled=ck.dir is not None)
     records = []
-    for iteration in range(1, cfg.train.iters + 1):
-        start = time.perf_counter()
+    for iteration in range(start + 1, cfg.train.iters + 1):
+        t0 = time.perf_counter()
         out = train_step(model, optimizer, scheduler, iterators, n_micro, cfg.train.micro_batch_size,
                          cfg.data.seq_length)
         loss_sum, tokens = out["loss_stats"].tolist()
         record = {"iteration": iteration, "loss": loss_sum / max(tokens, 1.0), "lr": out["lr"],
                   "grad_norm": out["grad_norm"], "trained_tokens": int(tokens),
-                  "step_time_s": time.perf_counter() - start}
+                  "step_time_s": time.perf_counter() - t0}
         records.append(record)
         if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.iters:
             metrics.log(record)
         if on_iteration is not None:
             on_iteration(iteration, model, out)
+        stop = (preemption.should_stop() if ck.dir else False) or iteration == cfg.train.exit_interval
+        if ck.dir and (stop or (ck.interval and iteration % ck.interval == 0) or iteration == cfg.train.iters):
+            checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep)
+        if stop:
+            if rank0:
+                print(f"stopping after iteration {iteration}" + (f"; saved to {ck.dir}" if ck.dir else ""), flush=True)
+            break
+    preemption.restore()
     metrics.close()
     return records
 
