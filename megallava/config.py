@@ -80,6 +80,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_interval: int = 1
     exit_interval: Optional[int] = None              # stop (and save) after this iteration; schedule spans iters
+    peak_tflops: Optional[float] = None              # per-GPU peak for MFU; None = detect (H100/H200 989, A100 312)
 
 
 @dataclass

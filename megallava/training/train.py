@@ -49,7 +49,7 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     per-iteration records (on every rank)."""
     from megatron.core import parallel_state
     from megallava.model.build import build_chunks
-    from megallava.training import checkpoint
+    from megallava.training import checkpoint, flops
     from megallava.training.metrics import MetricsWriter
     from megallava.training.optimizer import build_optimizer, wrap_ddp
     from megallava.training.preemption import PreemptionHandler
@@ -66,6 +66,11 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     start = checkpoint.load(ck.load, model, optimizer, scheduler, ck.load_optimizer) if ck.load else 0
     dp_size = parallel_state.get_data_parallel_world_size()
     iterators = data_iterators(cfg, chunks, parallel_state.get_data_parallel_rank(), dp_size, start)
+    # Count what the token-reading chunk consumes: real (unpadded) tokens and images drive FLOPs and MFU.
+    counter = None
+    if chunks[0].pre_process:
+        iterators[0] = counter = flops.BatchCounter(iterators[0])
+    peak_tflops = flops.peak_tflops_per_gpu(cfg.train.peak_tflops)
     n_micro = C.num_microbatches(cfg, env.world_size)
     metrics = MetricsWriter(cfg.train.run_dir, enabled=rank0)
     preemption = PreemptionHandler(enabled=ck.dir is not None)
@@ -74,13 +79,14 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
         t0 = time.perf_counter()
         out = train_step(model, optimizer, scheduler, iterators, n_micro, cfg.train.micro_batch_size,
                          cfg.data.seq_length)
+        step_time = time.perf_counter() - t0
         loss_sum, tokens = out["loss_stats"].tolist()
         record = {"iteration": iteration, "loss": loss_sum / max(tokens, 1.0), "lr": out["lr"],
-                  "grad_norm": out["grad_norm"], "trained_tokens": int(tokens),
-                  "step_time_s": time.perf_counter() - t0}
+                  "grad_norm": out["grad_norm"], "trained_tokens": int(tokens), "step_time_s": step_time}
+        record.update(flops.step_metrics(cfg, counter, step_time, peak_tflops))  # collective, every rank
         records.append(record)
         if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.iters:
-            metrics.log(record)
+            metrics.log(record, total=cfg.train.iters)
         if on_iteration is not None:
             on_iteration(iteration, model, out)
         stop = (preemption.should_stop() if ck.dir else False) or iteration == cfg.train.exit_interval
