@@ -4,18 +4,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from megallava.model.attention import SDPACoreAttention
 from megallava.model.norms import RMSNorm
+from megallava.model.specs import COMMON_CONFIG, transformer_layer_spec
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -52,8 +46,6 @@ def llm_transformer_config(cfg, pipeline_layers, params_dtype: torch.dtype) -> T
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=m.init_std,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
@@ -73,41 +65,12 @@ def llm_transformer_config(cfg, pipeline_layers, params_dtype: torch.dtype) -> T
         # unbatched path sends each direction on its own process group.
         batch_p2p_comm=False,
         calculate_per_token_loss=True,        # loss = sum over trained tokens / their count, across micro-batches and DP
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        # megatron marks TP attributes (partition_dim, ...) only when it initialises; megallava.model.init then
-        # overwrites every weight with a layout-independent draw.
-        perform_initialization=True,
+        **COMMON_CONFIG,
     )
 
 
 def llm_layer_spec() -> ModuleSpec:
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPACoreAttention,
-                    linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return transformer_layer_spec(RMSNorm, AttnMaskType.causal)
 
 
 def rotary_freqs(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:

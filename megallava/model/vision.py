@@ -3,24 +3,16 @@
 Only the layers up to ``select_layer`` are built (penultimate by default: LLaVA's ``mm_vision_select_layer -2``),
 so no compute or memory is spent on layers whose output the LLM never sees. The CLS token is dropped.
 """
-import dataclasses
-
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from torch import nn
 
-from megallava.model.attention import SDPACoreAttention
 from megallava.model.norms import LayerNorm
+from megallava.model.specs import COMMON_CONFIG, transformer_layer_spec
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -46,42 +38,18 @@ def vision_transformer_config(vcfg, llm_config: TransformerConfig) -> Transforme
         activation_func=quick_gelu,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         tensor_model_parallel_size=llm_config.tensor_model_parallel_size,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
         params_dtype=llm_config.params_dtype,
         pipeline_dtype=llm_config.params_dtype,
         bf16=llm_config.bf16,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        perform_initialization=True,  # see llm_transformer_config
+        **COMMON_CONFIG,
     )
 
 
 def vision_layer_spec() -> ModuleSpec:
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=LayerNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-                    linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=LayerNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return transformer_layer_spec(LayerNorm, AttnMaskType.no_mask)
 
 
 class CLIPVisionTower(MegatronModule):
