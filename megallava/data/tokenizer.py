@@ -1,0 +1,158 @@
+"""Tokenizers: a sentencepiece ``.model`` (LLaMA / Vicuna) or an HF tokenizer directory, behind one small interface.
+
+Text is always encoded as text: no BOS/EOS is added and special-token strings in the data (a literal "</s>" in a
+user turn) are NOT turned into special ids, so data cannot inject control tokens. Templates insert BOS/EOS ids
+themselves (see templates.py). ``encode_with_offsets`` gives each token's (char_start, char_end) in the input text,
+which is what lets templates build an exact label mask.
+"""
+import io
+import os
+from typing import List, Optional, Sequence, Tuple
+
+Offsets = List[Tuple[int, int]]
+
+
+class Tokenizer:
+    """The interface templates and loaders use. Subclasses implement the five members below."""
+
+    def encode(self, text: str) -> List[int]:
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], Offsets]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    pad_id: int = 0
+    vocab_size: int = 0
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+
+    def encode(self, text: str) -> List[int]:
+        return self.sp.encode(text)
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], Offsets]:
+        proto = self.sp.encode(text, out_type="proto")
+        ids = [p.id for p in proto.pieces]
+        if text.isascii():  # byte offsets are char offsets
+            return ids, [(p.begin, p.end) for p in proto.pieces]
+        # sentencepiece reports UTF-8 byte offsets; map them to str indices.
+        byte_to_char = [0] * (len(text.encode("utf-8")) + 1)
+        pos = 0
+        for i, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            for k in range(n):
+                byte_to_char[pos + k] = i
+            pos += n
+        byte_to_char[pos] = len(text)
+        offsets = [(byte_to_char[p.begin], byte_to_char[p.end]) for p in proto.pieces]
+        return ids, offsets
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    @property
+    def bos_id(self):
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    @property
+    def eos_id(self):
+        return self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+    @property
+    def pad_id(self):
+        for i in (self.sp.pad_id(), self.sp.unk_id()):
+            if i >= 0:
+                return i
+        return 0
+
+    @property
+    def vocab_size(self):
+        return self.sp.get_piece_size()
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        self.path = path
+        self.tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+        if not getattr(self.tok, "is_fast", False):
+            raise ValueError(f"{path}: need a fast HF tokenizer (char offsets), got {type(self.tok).__name__}")
+
+    def _call(self, text: str, offsets: bool):
+        # split_special_tokens: "</s>" written in the data stays text, as with sentencepiece.
+        return self.tok(text, add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=True)
+
+    def encode(self, text: str) -> List[int]:
+        return list(self._call(text, False)["input_ids"])
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], Offsets]:
+        enc = self._call(text, True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def bos_id(self):
+        return self.tok.bos_token_id
+
+    @property
+    def eos_id(self):
+        return self.tok.eos_token_id
+
+    @property
+    def pad_id(self):
+        for i in (self.tok.pad_token_id, self.tok.unk_token_id):
+            if i is not None:
+                return i
+        return 0
+
+    @property
+    def vocab_size(self):
+        return len(self.tok)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A sentencepiece ``.model`` file, or a directory AutoTokenizer can load (tokenizer.json / tokenizer.model)."""
+    if os.path.isfile(path):
+        try:
+            return SentencePieceTokenizer(path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
+    if os.path.isdir(path):
+        try:
+            return HFTokenizer(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path}: not an HF tokenizer directory ({e})") from e
+    raise ValueError(f"{path}: no such tokenizer; expected a sentencepiece .model file or an HF tokenizer directory")
+
+
+def train_sentencepiece(texts: List[str], out_prefix: str, vocab_size: int, model_type: str = "bpe") -> str:
+    """Train a LLaMA-like sentencepiece model on ``texts``; returns ``out_prefix + ".model"``.
+
+    LLaMA's settings: byte fallback (any text encodes), identity normalisation (keeps "\\n" and spacing, so offsets
+    are exact), dummy prefix, digits split, <unk>=0 <s>=1 </s>=2, no pad. One thread and the model written through
+    ``model_writer`` make the file bytes depend only on the texts (not on ``out_prefix``).
+    """
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1,
+        max_sentence_length=1 << 16, minloglevel=2)
+    path = out_prefix + ".model"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
