@@ -43,7 +43,8 @@ def run_ranks(world_size, fn, timeout=180):
     procs, conns = [], []
     for rank in range(world_size):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(rank, world_size, port, fn, child), daemon=True)
+        # Not daemonic: ranks start DataLoader workers. The finally below kills any rank that outlives the run.
+        p = ctx.Process(target=_child, args=(rank, world_size, port, fn, child), daemon=False)
         p.start()
         child.close()
         procs.append(p)

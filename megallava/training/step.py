@@ -10,15 +10,29 @@ from megallava.data.batching import pad_batch
 from megallava.model.init import unwrap
 
 
-def loss_func(labels: torch.Tensor, per_token_loss: torch.Tensor):
+def loss_func(labels: torch.Tensor, source_ids: Optional[torch.Tensor], skipped: Optional[torch.Tensor],
+              num_sources: int, per_token_loss: torch.Tensor):
     """Sum of the token losses and their count; megatron divides by the global token count (calculate_per_token_loss),
-    so the loss is averaged over trained tokens across micro-batches and DP ranks, not a mean of means."""
-    n = (labels >= 0).sum()
+    so the loss is averaged over trained tokens across micro-batches and DP ranks, not a mean of means.
+    ``extra`` carries per-source loss sums and token counts, then skip counters, for the metrics."""
+    mask = labels >= 0
+    n = mask.sum()
     loss_sum = per_token_loss.sum()
-    return loss_sum, n.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().float(), n.float()])}
+    report = {"lm loss": torch.stack([loss_sum.detach().float(), n.float()])}
+    extra = []
+    if num_sources:
+        src = source_ids.to(labels.device)[:, None].expand_as(labels)[mask]
+        sums = torch.zeros(num_sources, dtype=torch.float64, device=labels.device)
+        sums.index_add_(0, src, per_token_loss.detach()[mask].double())
+        extra += [sums, torch.bincount(src, minlength=num_sources).double()]
+    if skipped is not None:
+        extra.append(skipped.to(labels.device))
+    if extra:
+        report["extra"] = torch.cat(extra)
+    return loss_sum, n.to(torch.int), report
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, num_sources: int = 0, skip_counter=None):
     chunk = unwrap(model)
     batch = next(data_iterator) if data_iterator is not None else None
     device = next(chunk.parameters()).device
@@ -29,13 +43,18 @@ def forward_step(data_iterator, model):
     if chunk.post_process:
         labels = batch["labels"].to(device)
     output = model(tokens=tokens, images=images, labels=labels)
-    return output, partial(loss_func, labels)
+    if not chunk.post_process:
+        return output, partial(loss_func, labels, None, None, 0)
+    skipped = skip_counter(batch) if skip_counter is not None else None
+    return output, partial(loss_func, labels, batch.get("source_ids") if num_sources else None, skipped, num_sources)
 
 
 def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[object]], num_microbatches: int,
-               micro_batch_size: int, seq_length: int) -> Dict:
-    """Forward/backward over all micro-batches, optimizer step. Returns the global loss (sum / trained tokens),
-    the trained-token count, grad norm and lr; identical on every rank."""
+               micro_batch_size: int, seq_length: int, num_sources: int = 0, skip_counter=None,
+               num_skip_reasons: int = 0) -> Dict:
+    """Forward/backward over all micro-batches, optimizer step. Returns ``loss_stats`` = [loss sum, trained tokens,
+    per-source loss sums, per-source token counts, skip counts] over the global batch, grad norm and lr; identical
+    on every rank."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
@@ -44,7 +63,7 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
         data_iterators, seq_length = _pad_step_to_common_length(data_iterators, num_microbatches,
                                                                 config.sequence_parallel)
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=partial(forward_step, num_sources=num_sources, skip_counter=skip_counter),
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -53,7 +72,8 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
-    return {"loss_stats": _global_loss_stats(losses), "grad_norm": float(grad_norm or 0.0), "lr": lr,
+    extra = 2 * num_sources + (num_skip_reasons if skip_counter is not None else 0)
+    return {"loss_stats": _global_loss_stats(losses, extra), "grad_norm": float(grad_norm or 0.0), "lr": lr,
             "update_ok": bool(update_ok)}
 
 
@@ -74,14 +94,16 @@ def _pad_step_to_common_length(data_iterators, num_microbatches: int, sequence_p
     return padded, seq_length
 
 
-def _global_loss_stats(losses) -> torch.Tensor:
-    """[loss_sum, trained_tokens] over the global batch, on every rank: last-stage TP-rank-0 ranks (one per DP
-    replica) contribute their micro-batch sums, everyone else zeros."""
+def _global_loss_stats(losses, extra_size: int) -> torch.Tensor:
+    """Sums of the loss reports over the global batch, on every rank: last-stage TP-rank-0 ranks (one per DP
+    replica) contribute their micro-batches, everyone else zeros."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    stats = torch.zeros(2 + extra_size, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
             parallel_state.get_tensor_model_parallel_rank() == 0:
         for entry in losses:
-            stats += entry["lm loss"].to(stats)
+            stats[:2] += entry["lm loss"].to(stats)
+            if extra_size:
+                stats[2:] += entry["extra"].to(stats)
     torch.distributed.all_reduce(stats)
     return stats

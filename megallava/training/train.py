@@ -24,24 +24,35 @@ def load_and_validate(argv, env: LaunchEnv) -> C.Config:
 
 
 def data_iterators(cfg, chunks, dp_rank: int, dp_size: int, start_iteration: int = 0):
-    """One iterator per model chunk that needs data: the first chunk (tokens, images) and the last (labels)."""
+    """One iterator per model chunk that needs data: the first chunk (tokens, images) and the last (labels).
+    Both read the same deterministic stream; only the first decodes images."""
     from megallava.data.batching import microbatch_iterator
     from megallava.data.synthetic import SyntheticConversations
 
-    m, d = cfg.model, cfg.data
-    source = SyntheticConversations(cfg.train.seed, m.vocab_size, d.seq_length, m.vision.image_size,
-                                    C.image_tokens_per_image(cfg), m.image_token_id, d.text_only_fraction,
-                                    d.max_images_per_sample)
     pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
-    iterators = []
-    for chunk in chunks:
-        if not (chunk.pre_process or chunk.post_process):
-            iterators.append(None)
-            continue
-        iterators.append(microbatch_iterator(source.sample, d.num_samples, cfg.train.global_batch_size,
-                                             cfg.train.micro_batch_size, dp_rank, dp_size, start_iteration, pad,
-                                             with_images=chunk.pre_process))
-    return iterators
+    if cfg.data.source == "shards":
+        from megallava.data.loader import build_microbatch_iterator
+
+        make = lambda chunk: build_microbatch_iterator(cfg, dp_rank, dp_size, start_iteration,  # noqa: E731
+                                                       with_images=chunk.pre_process, pad_multiple=pad)
+    else:
+        m, d = cfg.model, cfg.data
+        source = SyntheticConversations(cfg.train.seed, m.vocab_size, d.seq_length, m.vision.image_size,
+                                        C.image_tokens_per_image(cfg), m.image_token_id, d.text_only_fraction,
+                                        d.max_images_per_sample)
+        make = lambda chunk: microbatch_iterator(source.sample, d.num_samples, cfg.train.global_batch_size,  # noqa: E731
+                                                 cfg.train.micro_batch_size, dp_rank, dp_size, start_iteration,
+                                                 pad, with_images=chunk.pre_process)
+    return [make(c) if (c.pre_process or c.post_process) else None for c in chunks]
+
+
+def data_metrics_layout(cfg):
+    """(source names, skip reasons) reported per iteration: per-source loss and skipped-sample counters."""
+    if cfg.data.source != "shards":
+        return [], []
+    from megallava.data.loader import SKIP_REASONS, source_names
+
+    return source_names(cfg), list(SKIP_REASONS)
 
 
 def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
@@ -72,17 +83,30 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
         iterators[0] = counter = flops.BatchCounter(iterators[0])
     peak_tflops = flops.peak_tflops_per_gpu(cfg.train.peak_tflops)
     n_micro = C.num_microbatches(cfg, env.world_size)
+    sources, skip_reasons = data_metrics_layout(cfg)
+    skip_counter = None
+    if skip_reasons:
+        from megallava.data.loader import skip_counts as skip_counter
+    skipped_total = dict.fromkeys(skip_reasons, 0)
     metrics = MetricsWriter(cfg.train.run_dir, enabled=rank0)
     preemption = PreemptionHandler(enabled=ck.dir is not None)
     records = []
     for iteration in range(start + 1, cfg.train.iters + 1):
         t0 = time.perf_counter()
         out = train_step(model, optimizer, scheduler, iterators, n_micro, cfg.train.micro_batch_size,
-                         cfg.data.seq_length)
+                         cfg.data.seq_length, len(sources), skip_counter, len(skip_reasons))
         step_time = time.perf_counter() - t0
-        loss_sum, tokens = out["loss_stats"].tolist()
+        stats = out["loss_stats"].tolist()
+        loss_sum, tokens = stats[:2]
         record = {"iteration": iteration, "loss": loss_sum / max(tokens, 1.0), "lr": out["lr"],
                   "grad_norm": out["grad_norm"], "trained_tokens": int(tokens), "step_time_s": step_time}
+        n = len(sources)
+        for i, name in enumerate(sources):  # per-source loss over that source's trained tokens (null if none)
+            record[f"loss/{name}"] = stats[2 + i] / stats[2 + n + i] if stats[2 + n + i] else None
+            record[f"trained_tokens/{name}"] = int(stats[2 + n + i])
+        for i, reason in enumerate(skip_reasons):  # cumulative skipped samples by reason
+            skipped_total[reason] += int(stats[2 + 2 * n + i])
+            record[f"skipped_{reason}"] = skipped_total[reason]
         record.update(flops.step_metrics(cfg, counter, step_time, peak_tflops))  # collective, every rank
         records.append(record)
         if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.iters:
