@@ -104,7 +104,7 @@ class DataConfig:
     image_mode: str = "pad"                          # shards: "pad" (LLaVA expand-to-square) | "resize"
     num_workers: int = 2                             # shards: DataLoader worker processes per data iterator
     overlong: str = "truncate"                       # shards: "truncate" (never through an image) | "drop"
-    packing: bool = False                            # shards: several samples per row (not yet supported)
+    packing: bool = False                            # several whole samples per row, attention kept per sample
     shuffle: bool = True                             # shards: a seeded permutation of each source per epoch
 
 
@@ -496,8 +496,6 @@ def _validate_shard_data(d: DataConfig, p: list[str]) -> None:
             p.append(f"{key}={value!r} is not supported: use one of {', '.join(allowed)}")
     if not d.num_workers >= 0:
         p.append(f"data.num_workers={d.num_workers} must be >= 0 (0 = read in the training process)")
-    if d.packing:
-        p.append("data.packing=true is not yet supported: set data.packing=false")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -242,13 +242,13 @@ def test_config_yaml_and_validation(data, tmp_path):
     assert "unknown key 'data.sources[0].wieght' (did you mean 'data.sources[0].weight'?)" in str(e.value)
     bad = C.load_config(str(path), [f"data.sources=[{{path: {tmp_path}/missing, weight: 0}}, "
                                      f"{{path: {tmp}/mm, template: chatml}}]", "data.image_mode=crop",
-                                     "data.packing=true", "data.tokenizer=null", "data.overlong=cut"])
+                                     "data.tokenizer=null", "data.overlong=cut"])
     with pytest.raises(C.ConfigError) as e:
         C.validate(bad, 1)
     msg = str(e.value)
     for expected in (f"data.sources[0].path={tmp_path}/missing does not exist", "data.sources[0].weight=0.0 must be > 0",
                      "data.sources[1].template='chatml' is not supported", "data.image_mode='crop' is not supported",
-                     "data.overlong='cut'", "data.packing=true is not yet supported", "needs data.tokenizer"):
+                     "data.overlong='cut'", "needs data.tokenizer"):
         assert expected in msg
     with pytest.raises(C.ConfigError, match="needs data.sources"):
         C.validate(C.load_config(None, ["data.source=shards", f"data.tokenizer={tok}",

@@ -8,7 +8,8 @@ source). DP rank ``d`` takes slots ``t*G + d*G/dp ...`` split into micro-batches
 resumed run (``start_iteration``) continues the uninterrupted sequence.
 
 Each DataLoader worker builds whole micro-batches: it seeks to its samples by the manifest's byte offsets, checks
-their CRC, decodes images, applies the source's template and the overlong policy, and collates. Samples that fail
+their CRC, decodes images, applies the source's template and the overlong policy, and collates (or, with
+``data.packing``, packs the micro-batch's samples into fewer rows: ``batching.pack``). Samples that fail
 are skipped and counted per reason in ``batch["skipped"]``; the micro-batch is then smaller (under the interleaved
 schedule, whose pipeline buffers have a fixed row count, padding rows that train nothing take their place; a
 micro-batch with no sample left is one such row, ``batch["empty"] = True``). Every skip decision
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from megallava.config import image_tokens_per_image
-from megallava.data.batching import IGNORE_INDEX, collate
+from megallava.data.batching import IGNORE_INDEX, collate, pack
 from megallava.data.images import ImageError, load_image
 from megallava.data.shards import ShardError, load_manifest, read_sample
 from megallava.data.templates import REASONS, TemplateError, encode_conversation
@@ -122,7 +123,8 @@ class Mixture:
 class MicroBatches(torch.utils.data.Dataset):
     """Map-style: index q = this DP rank's q-th micro-batch (counting from global batch 0)."""
 
-    def __init__(self, cfg, dp_rank: int, dp_size: int, with_images: bool, pad_multiple: int = 1):
+    def __init__(self, cfg, dp_rank: int, dp_size: int, with_images: bool, pad_multiple: int = 1,
+                 packing: bool = False):
         d, t = cfg.data, cfg.train
         self.sources = [Source(s.path, s.name) for s in d.sources]
         for src in self.sources:  # shards written with --image-size hold pixels for one resolution only
@@ -135,7 +137,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.G, self.mbs, self.dp_rank = t.global_batch_size, t.micro_batch_size, dp_rank
         self.per_rank = self.G // dp_size
         self.n_micro = self.per_rank // self.mbs
-        self.with_images, self.pad_multiple = with_images, pad_multiple
+        self.with_images, self.pad_multiple, self.packing = with_images, pad_multiple, packing
         self.seq_length, self.overlong, self.image_mode = d.seq_length, d.overlong, d.image_mode
         self.image_size, self.image_tokens = cfg.model.vision.image_size, image_tokens_per_image(cfg)
         self.image_token_id, self.tokenizer_path = cfg.model.image_token_id, d.tokenizer
@@ -215,13 +217,20 @@ class MicroBatches(torch.utils.data.Dataset):
             else:
                 samples.append(sample)
         empty = not samples
-        # A padding row (trains nothing) stands in for skipped samples when a micro-batch would be empty, and for
-        # every skipped sample under the interleaved schedule, whose pipeline buffers have a fixed row count.
-        rows = self.mbs if self.fixed_rows else max(len(samples), 1)
         shape = (0, 3, self.image_size, self.image_size) if self.with_images else (0, 0)
-        samples += [{"tokens": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), IGNORE_INDEX),
-                     "images": torch.zeros(shape), "source": -1, "key": None}] * (rows - len(samples))
-        batch = collate(samples, self.pad_multiple, self.with_images)
+        padding = {"tokens": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), IGNORE_INDEX),
+                   "images": torch.zeros(shape), "source": -1, "key": None}
+        if self.packing:
+            # Packed rows vary in number anyway: the interleaved schedule's fixed row count is restored by padding
+            # rows in training/step.py; only a micro-batch with no sample left needs one padding row here.
+            samples += [padding] * (1 - min(len(samples), 1))
+            batch = pack(samples, self.seq_length, self.pad_multiple, self.with_images)
+        else:
+            # A padding row (trains nothing) stands in for skipped samples when a micro-batch would be empty, and
+            # for every skipped sample under the interleaved schedule, whose pipeline buffers have a fixed row count.
+            rows = self.mbs if self.fixed_rows else max(len(samples), 1)
+            samples += [padding] * (rows - len(samples))
+            batch = collate(samples, self.pad_multiple, self.with_images)
         batch.update(source_ids=torch.tensor([s["source"] for s in samples], dtype=torch.long),
                      keys=[s["key"] for s in samples], skipped=dict(skipped), empty=empty, iteration=q // self.n_micro,
                      lengths=[0 if s["key"] is None else n for s, n in zip(samples, batch["lengths"])])
@@ -247,9 +256,11 @@ def source_names(cfg) -> List[str]:
 
 
 def build_microbatch_iterator(cfg, dp_rank: int, dp_size: int, start_iteration: int, with_images: bool,
-                              pad_multiple: int = 1) -> Iterator[dict]:
-    """Endless micro-batches of this DP rank from global batch ``start_iteration`` on (see the module doc)."""
-    ds = MicroBatches(cfg, dp_rank, dp_size, with_images, pad_multiple)
+                              pad_multiple: int = 1, packing: bool = False) -> Iterator[dict]:
+    """Endless micro-batches of this DP rank from global batch ``start_iteration`` on (see the module doc); packed
+    (``batching.pack``) when ``packing`` is true: the trainer passes ``cfg.data.packing``, the preview shows one
+    sample per row either way (packing only regroups the same samples)."""
+    ds = MicroBatches(cfg, dp_rank, dp_size, with_images, pad_multiple, packing)
     vocab = ds.tokenizer.vocab_size
     if vocab > cfg.model.vocab_size:
         raise DataError(f"tokenizer {cfg.data.tokenizer} has {vocab} tokens but model.vocab_size="

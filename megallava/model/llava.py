@@ -92,14 +92,22 @@ class LLaVAChunk(MegatronModule):
         return logits
 
     def forward(self, tokens: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None):
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None):
         """Returns per-token loss [b, s] (0 where label is -100) on the last chunk when labels are given, vocab-parallel
-        logits [b, s, v/tp] on the last chunk otherwise, and hidden states on other chunks."""
+        logits [b, s, v/tp] on the last chunk otherwise, and hidden states on other chunks.
+
+        Packed rows (data.packing): ``position_ids`` [b, s] give each token's RoPE position (restarting at 0 per
+        sample) and ``segment_ids`` [b, s] which sample of the row it belongs to; attention is then causal within a
+        segment only. Both cover the full sequence, also under sequence parallelism (attention sees it gathered)."""
         hidden = self.embed(tokens, images) if self.pre_process else None
         local = hidden if hidden is not None else self.decoder.input_tensor
         seq_length = local.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
         rope = rotary_freqs(seq_length, self.config.kv_channels, self.model_cfg.rope_theta, device=local.device)
-        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        if position_ids is not None:
+            rope = rope[:, 0, 0][position_ids.t().to(local.device)].unsqueeze(2)  # [s, 1, 1, d] -> [s, b, 1, d]
+        mask = None if segment_ids is None else segment_attention_mask(segment_ids.to(local.device))
+        hidden = self.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rope)
         if not self.post_process:
             return hidden
         logits = self.vocab_parallel_logits(hidden)
@@ -109,3 +117,13 @@ class LLaVAChunk(MegatronModule):
         ignore = target < 0
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
         return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
+
+
+def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] segment ids -> [b, 1, s, s] bool mask in megatron's convention (True = masked out): a token attends to
+    earlier-or-same positions of its own segment only. Padding (segment 0) attends to padding, so no query row is
+    fully masked (SDPA would return NaN there) and real tokens never see it."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril_()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    return ~allowed[:, None]

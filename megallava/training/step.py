@@ -21,7 +21,9 @@ def loss_func(labels: torch.Tensor, source_ids: Optional[torch.Tensor], skipped:
     report = {"lm loss": torch.stack([loss_sum.detach().float(), n.float()])}
     extra = []
     if num_sources:
-        src = source_ids.to(labels.device)[:, None].expand_as(labels)[mask]
+        # [rows] per-sample ids (one sample per row), or [rows, s] per-token ids (packed rows: source_token_ids)
+        src = source_ids.to(labels.device)
+        src = (src if src.dim() == 2 else src[:, None]).expand_as(labels)[mask]
         sums = torch.zeros(num_sources, dtype=torch.float64, device=labels.device)
         sums.index_add_(0, src, per_token_loss.detach()[mask].double())
         extra += [sums, torch.bincount(src, minlength=num_sources).double()]
@@ -42,11 +44,17 @@ def forward_step(data_iterator, model, num_sources: int = 0, skip_counter=None):
         images = batch["images"].to(device) if batch["images"] is not None else None
     if chunk.post_process:
         labels = batch["labels"].to(device)
-    output = model(tokens=tokens, images=images, labels=labels)
+    # Packed batches (data.packing) carry per-token positions and segments; every chunk reads them (middle
+    # pipeline stages then have an iterator too). Unpacked batches have neither and middle stages read nothing.
+    packed = {k: batch[k].to(device) for k in ("position_ids", "segment_ids") if batch is not None and k in batch}
+    output = model(tokens=tokens, images=images, labels=labels, **packed)
     if not chunk.post_process:
         return output, partial(loss_func, labels, None, None, 0)
     skipped = skip_counter(batch) if skip_counter is not None else None
-    return output, partial(loss_func, labels, batch.get("source_ids") if num_sources else None, skipped, num_sources)
+    sources = None
+    if num_sources:
+        sources = batch["source_token_ids"] if "source_token_ids" in batch else batch.get("source_ids")
+    return output, partial(loss_func, labels, sources, skipped, num_sources)
 
 
 def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[object]], num_microbatches: int,
@@ -60,8 +68,8 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
     optimizer.zero_grad()
     config = model[0].config
     if not config.variable_seq_lengths:
-        data_iterators, seq_length = _pad_step_to_common_length(data_iterators, num_microbatches,
-                                                                config.sequence_parallel)
+        data_iterators, seq_length, micro_batch_size = _pad_step_to_common_shape(
+            data_iterators, num_microbatches, config.sequence_parallel)
     losses = get_forward_backward_func()(
         forward_step_func=partial(forward_step, num_sources=num_sources, skip_counter=skip_counter),
         data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
@@ -77,21 +85,25 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
             "update_ok": bool(update_ok)}
 
 
-def _pad_step_to_common_length(data_iterators, num_microbatches: int, sequence_parallel: bool):
+def _pad_step_to_common_shape(data_iterators, num_microbatches: int, sequence_parallel: bool):
     """Static pipeline shapes for the interleaved schedule: fetch this step's micro-batches, agree on the longest
-    over the pipeline group (middle stages read no data and contribute 0), pad every micro-batch to it."""
+    and on the most rows over the pipeline group (middle stages read no data unless packing, and then contribute
+    0), pad every micro-batch to that [rows, length]. Unpacked micro-batches already have micro_batch_size rows
+    (the loader keeps them fixed); packed ones have fewer, so the step runs with the most rows any micro-batch
+    packed into and pads the others with rows that train nothing."""
     fetched = [None if it is None else [next(it) for _ in range(num_microbatches)] for it in data_iterators]
-    longest = max([b["tokens"].shape[1] for chunk in fetched if chunk for b in chunk] or [0])
-    length = torch.tensor([longest], dtype=torch.long,
-                          device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX,
+    batches = [b for chunk in fetched if chunk for b in chunk]
+    shape = torch.tensor([max([b["tokens"].shape[1] for b in batches] or [0]),
+                          max([b["tokens"].shape[0] for b in batches] or [0])], dtype=torch.long,
+                         device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(shape, op=torch.distributed.ReduceOp.MAX,
                                  group=parallel_state.get_pipeline_model_parallel_group())
-    seq_length = int(length.item())
+    seq_length, rows = (int(x) for x in shape.tolist())
     if sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         seq_length = -(-seq_length // tp) * tp
-    padded = [None if chunk is None else iter([pad_batch(b, seq_length) for b in chunk]) for chunk in fetched]
-    return padded, seq_length
+    padded = [None if chunk is None else iter([pad_batch(b, seq_length, rows) for b in chunk]) for chunk in fetched]
+    return padded, seq_length, rows
 
 
 def _global_loss_stats(losses, extra_size: int) -> torch.Tensor:

@@ -25,16 +25,20 @@ def load_and_validate(argv, env: LaunchEnv) -> C.Config:
 
 def data_iterators(cfg, chunks, dp_rank: int, dp_size: int, start_iteration: int = 0):
     """One iterator per model chunk that needs data: the first chunk (tokens, images) and the last (labels).
-    Both read the same deterministic stream; only the first decodes images."""
+    All read the same deterministic stream; only the first decodes images. With ``data.packing`` every chunk needs
+    the rows' positions and segments (RoPE and the attention mask), so middle chunks read the labels-only stream
+    too; without packing they read nothing (None)."""
     from megallava.data.batching import microbatch_iterator
     from megallava.data.synthetic import SyntheticConversations
 
     pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    packing = cfg.data.packing
     if cfg.data.source == "shards":
         from megallava.data.loader import build_microbatch_iterator
 
         make = lambda chunk: build_microbatch_iterator(cfg, dp_rank, dp_size, start_iteration,  # noqa: E731
-                                                       with_images=chunk.pre_process, pad_multiple=pad)
+                                                       with_images=chunk.pre_process, pad_multiple=pad,
+                                                       packing=packing)
     else:
         m, d = cfg.model, cfg.data
         source = SyntheticConversations(cfg.train.seed, m.vocab_size, d.seq_length, m.vision.image_size,
@@ -42,8 +46,9 @@ def data_iterators(cfg, chunks, dp_rank: int, dp_size: int, start_iteration: int
                                         d.max_images_per_sample)
         make = lambda chunk: microbatch_iterator(source.sample, d.num_samples, cfg.train.global_batch_size,  # noqa: E731
                                                  cfg.train.micro_batch_size, dp_rank, dp_size, start_iteration,
-                                                 pad, with_images=chunk.pre_process)
-    return [make(c) if (c.pre_process or c.post_process) else None for c in chunks]
+                                                 pad, with_images=chunk.pre_process,
+                                                 pack_length=d.seq_length if packing else None)
+    return [make(c) if (c.pre_process or c.post_process or packing) else None for c in chunks]
 
 
 def data_metrics_layout(cfg):
