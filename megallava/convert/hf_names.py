@@ -13,12 +13,16 @@ Two tensors are fused differently in megatron-core:
 - the LLaMA ``linear_fc1`` is [gate; up].
 megallava builds only the ViT layers the LLM sees (``vision_num_layers_built``): HF's later ViT layers and its
 ``post_layernorm`` are dropped on read and absent on write.
+
+Per-tensor API (the streaming converters in convert/ use it): ``plan`` lists every (HF short names, canonical name,
+kind) of a model, ``hf_shapes`` the shapes a config implies, ``fuse`` / ``split`` convert one entry.
+``hf_to_canonical`` / ``canonical_to_hf`` are the whole-dict versions.
 """
 import re
 
 import torch
 
-from megallava.model.vision import vision_num_layers_built
+from megallava.convert.geometry import vision_num_layers_built
 
 # Accepted HF prefixes -> short section tag; order matters (more specific first).
 _HF_PREFIXES = (
@@ -69,11 +73,13 @@ _IGNORED = re.compile(r"vit\.post_layernorm\.|vit\.embeddings\.position_ids$|lm\
                       r"self_attn\.rotary_emb\.")
 
 
-def _plan(model_cfg):
-    """Every (hf_names, canonical_name, kind, qkv_geometry) for this model, in canonical order of sections."""
-    if model_cfg.projector != "mlp2x_gelu":
-        raise ValueError(f"model.projector={model_cfg.projector!r} has no HF LLaVA equivalent: HF's "
-                         f"multi_modal_projector is always Linear-GELU-Linear (mlp2x_gelu)")
+def plan(model_cfg):
+    """Every (hf short names, canonical name, kind, qkv geometry) of this model, in canonical order of sections.
+    HF names are short ("lm.", "head.", "vit.", "proj." sections; ``long_name`` spells them out). kind is "copy",
+    "qkv" (3 HF tensors fused per query group) or "fc1" ([gate; up]). A ``linear`` projector has linear_1 only
+    (it exists in original-LLaVA checkpoints, not in HF's LlavaForConditionalGeneration)."""
+    if model_cfg.projector not in ("linear", "mlp2x_gelu"):
+        raise ValueError(f"unknown projector {model_cfg.projector!r}: use linear or mlp2x_gelu")
     v = model_cfg.vision
     llm_geo = (model_cfg.num_attention_heads, model_cfg.num_query_groups or model_cfg.num_attention_heads,
                model_cfg.hidden_size // model_cfg.num_attention_heads)
@@ -82,6 +88,8 @@ def _plan(model_cfg):
 
     def add(table, geo, **fmt):
         for hf, can, kind in table:
+            if model_cfg.projector == "linear" and can.startswith("projector.linear_2."):
+                continue
             for w in (("weight", "bias") if "{w}" in can else (None,)):
                 f = dict(fmt, w=w)
                 entries.append((tuple(h.format(**f) for h in hf), can.format(**f), kind, geo))
@@ -94,7 +102,69 @@ def _plan(model_cfg):
     return entries
 
 
-def _short(hf_name: str) -> str:
+def _plan(model_cfg):
+    if model_cfg.projector != "mlp2x_gelu":
+        raise ValueError(f"model.projector={model_cfg.projector!r} has no HF LLaVA equivalent: HF's "
+                         f"multi_modal_projector is always Linear-GELU-Linear (mlp2x_gelu)")
+    return plan(model_cfg)
+
+
+def hf_shapes(model_cfg) -> dict:
+    """Short HF name -> the shape the config implies, for every tensor ``plan`` reads."""
+    m, v = model_cfg, model_cfg.vision
+    h, heads = m.hidden_size, m.num_attention_heads
+    d = h // heads
+    groups = m.num_query_groups or heads
+    vh, vf = v.hidden_size, v.ffn_hidden_size
+    patches = (v.image_size // v.patch_size) ** 2
+    shapes = {"lm.embed_tokens.weight": (m.vocab_size, h), "lm.norm.weight": (h,), "head.weight": (m.vocab_size, h),
+              "vit.embeddings.patch_embedding.weight": (vh, v.num_channels, v.patch_size, v.patch_size),
+              "vit.embeddings.class_embedding": (vh,), "vit.embeddings.position_embedding.weight": (patches + 1, vh),
+              "vit.pre_layrnorm.weight": (vh,), "vit.pre_layrnorm.bias": (vh,),
+              "proj.linear_1.weight": (h, vh), "proj.linear_1.bias": (h,),
+              "proj.linear_2.weight": (h, h), "proj.linear_2.bias": (h,)}
+    layer = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (heads * d, h),
+             "self_attn.k_proj.weight": (groups * d, h), "self_attn.v_proj.weight": (groups * d, h),
+             "self_attn.o_proj.weight": (h, heads * d), "post_attention_layernorm.weight": (h,),
+             "mlp.gate_proj.weight": (m.ffn_hidden_size, h), "mlp.up_proj.weight": (m.ffn_hidden_size, h),
+             "mlp.down_proj.weight": (h, m.ffn_hidden_size)}
+    vit_layer = {"layer_norm1": (vh,), "layer_norm2": (vh,), "mlp.fc1.bias": (vf,), "mlp.fc1.weight": (vf, vh),
+                 "mlp.fc2.weight": (vh, vf), "mlp.fc2.bias": (vh,)}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        vit_layer[f"self_attn.{proj}.weight"], vit_layer[f"self_attn.{proj}.bias"] = (vh, vh), (vh,)
+    for i in range(m.num_layers):
+        shapes.update({f"lm.layers.{i}.{k}": s for k, s in layer.items()})
+    for i in range(vision_num_layers_built(v)):
+        for k, s in vit_layer.items():
+            if k.startswith("layer_norm"):
+                shapes[f"vit.encoder.layers.{i}.{k}.weight"] = shapes[f"vit.encoder.layers.{i}.{k}.bias"] = s
+            else:
+                shapes[f"vit.encoder.layers.{i}.{k}"] = s
+    return shapes
+
+
+def fused_shape(kind: str, shapes) -> tuple:
+    """Canonical shape of the tensor fused from HF tensors of ``shapes``."""
+    if kind == "copy":
+        return tuple(shapes[0])
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def fuse(kind: str, tensors, geo, name: str) -> torch.Tensor:
+    """HF tensors of one plan entry -> the canonical tensor."""
+    if kind == "copy":
+        return tensors[0]
+    return _fuse_qkv(*tensors, geo, name) if kind == "qkv" else torch.cat(tensors)
+
+
+def split(kind: str, tensor, geo, name: str) -> list:
+    """Inverse of ``fuse``: the canonical tensor -> HF tensors (no shared storage)."""
+    if kind == "copy":
+        return [tensor]
+    return _split_qkv(tensor, geo, name) if kind == "qkv" else [c.clone() for c in tensor.chunk(2)]
+
+
+def short_name(hf_name: str) -> str:
     for prefix, tag in _HF_PREFIXES:
         if hf_name.startswith(prefix):
             return tag + hf_name[len(prefix):]
@@ -102,14 +172,16 @@ def _short(hf_name: str) -> str:
                    f"({', '.join(p for p, _ in _HF_PREFIXES)})")
 
 
-def _long(short_name: str) -> str:
-    tag, rest = short_name.split(".", 1)
+def long_name(short: str) -> str:
+    """Short name -> the transformers 5.x in-memory HF name."""
+    tag, rest = short.split(".", 1)
     return _HF_OUT[tag + "."] + rest
 
 
-def _ignored(short_name: str, vit_layers_built: int) -> bool:
-    m = re.match(r"vit\.encoder\.layers\.(\d+)\.", short_name)
-    return bool(_IGNORED.match(short_name)) or (m is not None and int(m.group(1)) >= vit_layers_built)
+def is_ignored(short: str, vit_layers_built: int) -> bool:
+    """HF tensors megallava has no use for (the unbuilt ViT tail, buffers)."""
+    m = re.match(r"vit\.encoder\.layers\.(\d+)\.", short)
+    return bool(_IGNORED.match(short)) or (m is not None and int(m.group(1)) >= vit_layers_built)
 
 
 def _fuse_qkv(q, k, v, geo, name):
@@ -136,7 +208,7 @@ def hf_to_canonical(hf_state: dict, model_cfg) -> dict:
     """HF LlavaForConditionalGeneration state_dict (any spelling above) -> canonical megallava tensors."""
     short = {}
     for name, t in hf_state.items():
-        s = _short(name)
+        s = short_name(name)
         if s in short:
             raise ValueError(f"HF tensor {name!r} appears twice under different prefixes")
         short[s] = (name, t)
@@ -145,10 +217,9 @@ def hf_to_canonical(hf_state: dict, model_cfg) -> dict:
     for hf_names, can, kind, geo in _plan(model_cfg):
         missing = [h for h in hf_names if h not in short]
         if missing:
-            raise KeyError(f"HF state_dict lacks {', '.join(map(_long, missing))} (needed for {can})")
-        ts = [short.pop(h)[1] for h in hf_names]
-        out[can] = ts[0] if kind == "copy" else _fuse_qkv(*ts, geo, can) if kind == "qkv" else torch.cat(ts)
-    extra = [name for s, (name, _) in short.items() if not _ignored(s, built)]
+            raise KeyError(f"HF state_dict lacks {', '.join(map(long_name, missing))} (needed for {can})")
+        out[can] = fuse(kind, [short.pop(h)[1] for h in hf_names], geo, can)
+    extra = [name for s, (name, _) in short.items() if not is_ignored(s, built)]
     if extra:
         raise ValueError(f"unexpected HF tensors (not in this model config): {', '.join(sorted(extra))}")
     return out
@@ -157,16 +228,14 @@ def hf_to_canonical(hf_state: dict, model_cfg) -> dict:
 def canonical_to_hf(canonical: dict, model_cfg) -> dict:
     """Canonical megallava tensors -> HF LlavaForConditionalGeneration state_dict (transformers 5.x names), without
     the ViT layers / post_layernorm megallava does not build."""
-    plan = _plan(model_cfg)
-    expected = {can for _, can, _, _ in plan}
+    entries = _plan(model_cfg)
+    expected = {can for _, can, _, _ in entries}
     missing, extra = sorted(expected - set(canonical)), sorted(set(canonical) - expected)
     if missing:
         raise KeyError(f"canonical state lacks {', '.join(missing)}")
     if extra:
         raise ValueError(f"unexpected canonical tensors (not in this model config): {', '.join(extra)}")
     out = {}
-    for hf_names, can, kind, geo in plan:
-        t = canonical[can]
-        ts = [t] if kind == "copy" else _split_qkv(t, geo, can) if kind == "qkv" else [c.clone() for c in t.chunk(2)]
-        out.update(zip(map(_long, hf_names), ts))
+    for hf_names, can, kind, geo in entries:
+        out.update(zip(map(long_name, hf_names), split(kind, canonical[can], geo, can)))
     return out

@@ -130,12 +130,19 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _without_extra_state(model_sd: Dict) -> Dict:
+    """megatron's linear layers add ``*._extra_state`` objects (TransformerEngine's FP8 metadata; None for our local
+    layers): neither saved nor loaded, so converted checkpoints need not carry them."""
+    return {k: v for k, v in model_sd.items() if not k.endswith("._extra_state")}
+
+
 def _sharded_state_dict(model: List, optimizer, scheduler, iteration: int, with_optimizer: bool,
                         is_loading: bool) -> Dict:
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     sd = {"format_version": FORMAT_VERSION, "iteration": iteration, "layout": _layout()}
     for i, m in enumerate(model):  # keys of the bare chunk: the DDP wrapper would add "module."
-        sd[f"model{i}" if len(model) > 1 else "model"] = unwrap(m).sharded_state_dict(metadata=metadata)
+        sd[f"model{i}" if len(model) > 1 else "model"] = _without_extra_state(
+            unwrap(m).sharded_state_dict(metadata=metadata))
     if with_optimizer:
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
@@ -221,11 +228,16 @@ def resolve(path: str) -> str:
 
 def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = True) -> int:
     """Load a checkpoint saved at any layout; returns the iteration to resume after. Optimizer, scheduler and RNG
-    state are restored when ``load_optimizer``; RNG only when the layout is unchanged (it is per TP/PP rank)."""
+    state are restored when ``load_optimizer``; RNG only when the layout is unchanged (it is per TP/PP rank).
+    A weights-only checkpoint (``"weights_only": True`` in its common state, e.g. from tools/convert_checkpoint.py)
+    loads its weights only and starts at iteration 0, whatever ``load_optimizer`` says."""
     ckpt = resolve(path)
     common = dist_checkpointing.load_common_state_dict(ckpt)
-    saved_layout, iteration = common["layout"], int(common["iteration"])
-    same_layout = saved_layout == _layout()
+    weights_only = bool(common.get("weights_only", False))
+    if weights_only:
+        load_optimizer = False
+    saved_layout, iteration = common.get("layout"), 0 if weights_only else int(common["iteration"])
+    same_layout = not weights_only and saved_layout == _layout()
     if load_optimizer:
         _materialise_optimizer_state(optimizer)
     sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=load_optimizer,
@@ -241,7 +253,11 @@ def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = Tr
                 f"Resume with weights only: checkpoint.load_optimizer=false") from err
         raise
     for i, m in enumerate(model):
-        unwrap(m).load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"])
+        result = unwrap(m).load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, "
+                               f"unexpected {list(result.unexpected_keys)}")
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)

@@ -1,0 +1,101 @@
+"""HF (llava-hf, original LLaVA, or LLaMA + CLIP) -> a layout-free megallava checkpoint, streamed one tensor at a
+time: peak memory is a few tensors, not the model.
+
+Output ROOT::
+
+    ROOT/latest, ROOT/iter_0000000/     weights-only torch_dist checkpoint (checkpoint.load=ROOT at any TP/PP/VPP)
+    ROOT/megallava_model.yaml           the model: section of a megallava config
+    ROOT/tokenizer/                     the tokenizer / processor files of the input
+    ROOT/source_config.json             the input's HF config(s), so megatron-to-hf can restore token ids etc.
+"""
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from megallava.convert import dcp, hf_config, hf_names
+from megallava.convert.errors import ConversionError, atomic_output, check_output
+from megallava.convert.sources import open_source
+from megallava.convert.geometry import padded_vocab_size, vision_num_layers_built
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_DIR = "tokenizer"
+SOURCE_CONFIG = "source_config.json"
+
+
+def plan_chunks(source, out_dtype=None):
+    """One dcp.Chunk per (canonical tensor, layer), each converting its HF tensors when written."""
+    model = source.model
+    padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1)
+    stacked = {"decoder": model.num_layers, "vision.encoder": vision_num_layers_built(model.vision)}
+    chunks = []
+    for hf, can, kind, geo in hf_names.plan(model):
+        metas = [source.meta(s) for s in hf]
+        dtype = out_dtype or metas[0][1]
+        shape = hf_names.fused_shape(kind, [m[0] for m in metas])
+        key, layer = dcp.dcp_key(can)
+
+        def produce(hf=hf, can=can, kind=kind, geo=geo, dtype=dtype, layer=layer):
+            t = hf_names.fuse(kind, [source.get(s).to(dtype) for s in hf], geo, can)
+            if can in ("embedding.weight", "output_layer.weight"):
+                t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
+            return t.unsqueeze(0) if layer is not None else t
+
+        if layer is not None:
+            n = stacked[key.split(".layers.")[0]]
+            chunk = dcp.Chunk(key, (layer,) + (0,) * len(shape), (1,) + shape, (n,) + shape, dtype, produce, can)
+        else:
+            if can in ("embedding.weight", "output_layer.weight"):
+                shape = (padded,) + shape[1:]
+            chunk = dcp.Chunk(key, (0,) * len(shape), shape, shape, dtype, produce, can)
+        chunks.append(chunk)
+    return chunks
+
+
+def copy_tokenizer(files, dest: str) -> list:
+    os.makedirs(dest, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, os.path.join(dest, os.path.basename(path)))
+    return [os.path.basename(p) for p in files]
+
+
+def hf_to_megatron(input: str, output: str, dtype: str = None, overwrite: bool = False, vision: str = None,
+                   projector: str = None, projector_type: str = None, select_layer: int = None, seed: int = 0,
+                   log=print) -> dict:
+    t0 = time.perf_counter()
+    check_output(output, overwrite)  # before any reading: a wrong --output fails fast
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    source = open_source(input, vision=vision, projector=projector, projector_type=projector_type,
+                         select_layer=select_layer, seed=seed)
+    source.check()
+    model = source.model
+    log(f"input: {source.flavour} checkpoint {input}" + (f" + vision tower {source.vision_dir}"
+                                                          if source.vision_dir else ""))
+    for note in source.notes:
+        log(f"note: {note}")
+    chunks = plan_chunks(source, DTYPES.get(dtype))
+    total = sum(torch.Size(c.sizes).numel() * torch.empty((), dtype=c.dtype).element_size() for c in chunks)
+    log(f"model: {model.num_layers} layers, hidden {model.hidden_size}, vocab {model.vocab_size}, projector "
+        f"{model.projector}, ViT {vision_num_layers_built(model.vision)}/{model.vision.num_layers} layers used; "
+        f"{len(chunks)} chunks, {total / 2 ** 30:.2f} GiB")
+    common = {"format_version": dcp.FORMAT_VERSION, "iteration": 0,
+              "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1}, "weights_only": True,
+              "converted_from": {"flavour": source.flavour, "input": os.path.abspath(input)}}
+    with atomic_output(output, overwrite) as tmp:
+        name = dcp.iter_dirname(0)
+        dcp.write_checkpoint(os.path.join(tmp, name), chunks, common, log)
+        dcp.write_latest(tmp, name)
+        hf_config.write_model_yaml(os.path.join(tmp, hf_config.MODEL_YAML), model,
+                                   f"from {source.flavour} {os.path.abspath(input)}")
+        copied = copy_tokenizer(source.tokenizer_files, os.path.join(tmp, TOKENIZER_DIR))
+        with open(os.path.join(tmp, SOURCE_CONFIG), "w") as f:
+            json.dump({"flavour": source.flavour, **source.hf_configs}, f, indent=2)
+    if not copied:
+        log(f"warning: no tokenizer files found in {input}")
+    seconds = time.perf_counter() - t0
+    log(f"wrote {output} ({total / 2 ** 30:.2f} GiB in {seconds:.1f} s); train from it with "
+        f"--config {os.path.join(output, hf_config.MODEL_YAML)} checkpoint.load={output} (any parallel.tp/pp/vpp)")
+    return {"output": output, "bytes": total, "seconds": seconds, "flavour": source.flavour, "model": model}
