@@ -255,7 +255,7 @@ def test_trainer_checkpoint_reshards(converted, trainer_saved):
     assert torch.equal(logits, one)  # TP1 x PP4 and TP1 x PP1: the same arithmetic, bitwise
 
 
-def test_original_llava_and_llama_clip_inputs(work, parts, hf_llava):
+def test_original_llava_and_llama_clip_inputs(work, parts, hf_llava, converted):
     # original LLaVA (mlp2x_gelu): the vision tower is named, not stored -> --vision
     with pytest.raises(ConversionError, match="does not store its vision tower.*--vision"):
         hf_to_megatron(parts["mlp2x_gelu"], str(work / "x"), log=QUIET)
@@ -263,7 +263,7 @@ def test_original_llava_and_llama_clip_inputs(work, parts, hf_llava):
     hf_to_megatron(parts["mlp2x_gelu"], out, vision=parts["vision"], log=QUIET)
     assert verify(parts["mlp2x_gelu"], out, vision=parts["vision"], tolerance=1e-4, log=QUIET)["ok"]
     # Same weights as the llava-hf model except the image token convention (-200): identical tensors.
-    a, b = dcp.CheckpointReader(out), dcp.CheckpointReader(str(work / "meg"))
+    a, b = dcp.CheckpointReader(out), dcp.CheckpointReader(converted)
     for key in ("decoder.layers.self_attention.linear_qkv.weight", "projector.linear_2.weight",
                 "vision.encoder.layers.self_attention.linear_qkv.bias"):
         assert torch.equal(a.read(key), b.read(key)), key

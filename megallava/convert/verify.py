@@ -6,12 +6,7 @@ inputs it is HF's ``LlamaForCausalLM`` and ``CLIPVisionModel`` composed the way 
 selected layer, CLS dropped, projector, placeholder rows of the embeddings replaced).
 """
 import gc
-import multiprocessing as mp
-import multiprocessing.connection as mp_connection
 import os
-import pickle
-import time
-import traceback
 
 import torch
 
@@ -21,6 +16,7 @@ from megallava.convert.errors import ConversionError
 from megallava.convert.megatron_to_hf import find_model_config
 from megallava.convert.sources import _Generated, open_source
 from megallava.convert.geometry import vision_num_layers_built
+from megallava.local_ranks import run_ranks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,74 +107,6 @@ def hf_reference(source, ckpt_reader, log=print):
 # ---------------------------------------------------------------------------------------------------------------
 # megallava side: forked gloo ranks, the trainer's checkpoint.load
 # ---------------------------------------------------------------------------------------------------------------
-
-def _child(rank, world, port, fn, conn):
-    try:
-        from megallava.distributed import LaunchEnv, shutdown
-
-        # One thread per rank, as in tests/multirank.py: OpenMP's pool is not fork-safe once the parent used it.
-        torch.set_num_threads(1)
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        result = fn(rank, LaunchEnv(rank, world, rank, "127.0.0.1", port))
-        conn.send_bytes(pickle.dumps(("ok", result)))
-    except BaseException:  # noqa: BLE001 - every failure reaches the parent
-        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
-    finally:
-        try:
-            shutdown()
-        except Exception:  # noqa: BLE001
-            pass
-        conn.close()
-        os._exit(0)
-
-
-def run_ranks(world: int, fn, timeout: float = 3600):
-    """Run ``fn(rank, env)`` in ``world`` forked processes joined by gloo; results in rank order."""
-    import megatron.core  # noqa: F401  (imported once here so the children inherit it)
-    from megallava.distributed import free_port
-
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs, conns = [], {}
-    for rank in range(world):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(rank, world, port, fn, child), daemon=True)
-        p.start()
-        child.close()
-        procs.append(p)
-        conns[rank] = parent
-    results, errors = [None] * world, []
-    deadline = time.monotonic() + timeout
-    try:
-        while conns:
-            wait = 3.0 if errors else deadline - time.monotonic()
-            ready = mp_connection.wait(list(conns.values()), timeout=max(wait, 0))
-            if not ready:
-                if not errors:
-                    errors.append(f"ranks {sorted(conns)} gave no result within {timeout} s")
-                break
-            for c in ready:
-                rank = next(r for r, x in conns.items() if x is c)
-                del conns[rank]
-                try:
-                    status, payload = pickle.loads(c.recv_bytes())
-                except EOFError:
-                    status, payload = "error", "process died without a result"
-                if status == "error":
-                    errors.append(f"--- rank {rank} ---\n{payload}")
-                else:
-                    results[rank] = payload
-    finally:
-        for p in procs:
-            p.join(0 if errors else 5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if errors:
-        raise RuntimeError("megallava ranks failed:\n" + "\n".join(errors))
-    return results
-
 
 def run_config(model, tp: int, pp: int) -> C.Config:
     cfg = C.Config(model=model)
