@@ -15,14 +15,16 @@ import os
 import queue
 import random
 import shutil
+from functools import partial
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megallava.model.init import unwrap
 from megatron.core.dist_checkpointing.strategies import filesystem_async, torch as mcore_torch_strategy
+
+from megallava.model.init import unwrap
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -58,7 +60,9 @@ class InProcessWriter(filesystem_async.FileSystemWriterAsync):
                 results[idx] = out
             results_queue.put(results)
 
-        return write_all, None, [torch.distributed.get_rank(), self.write_buckets, self.results_queue]
+        # The stock staging step copies GPU tensors to host memory before writing (a no-op on CPU).
+        stage = partial(self.preload_tensors, self.write_buckets, True)
+        return write_all, stage, [torch.distributed.get_rank(), self.write_buckets, self.results_queue]
 
 
 mcore_torch_strategy.FileSystemWriterAsync = InProcessWriter
