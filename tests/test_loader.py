@@ -1,5 +1,6 @@
 """Shard loader: mixing, exactly-once epochs, resume, DP x worker layout invariance, skips, errors, config, preview."""
 import json
+import signal
 import time
 from collections import Counter
 
@@ -221,6 +222,24 @@ def test_hung_worker_times_out(data, monkeypatch):
     with pytest.raises(RuntimeError, match="timed out"):
         next(it)
     assert time.time() - start < 3
+
+
+def test_workers_survive_sigterm(data):
+    """Preemption: SIGTERM reaches every process of the job; the workers must keep feeding the trainer through the
+    iteration at whose end it saves."""
+    import psutil
+
+    cfg = make_cfg(data, [("text", 1.0)], **{"data.num_workers": 2})
+    it = L.build_microbatch_iterator(cfg, 0, 1, 0, False)
+    first = next(it)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    gone, alive = psutil.wait_procs(workers, timeout=2)
+    assert not gone
+    later = [next(it) for _ in range(6)]
+    assert first["tokens"].shape[0] and all(b["tokens"].shape[0] for b in later)
 
 
 def test_config_yaml_and_validation(data, tmp_path):

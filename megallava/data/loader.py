@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from collections import Counter, OrderedDict
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -268,9 +269,16 @@ def build_microbatch_iterator(cfg, dp_rank: int, dp_size: int, start_iteration: 
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, sampler=_From(start_iteration * ds.n_micro), num_workers=workers,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init,
         timeout=WORKER_TIMEOUT_S if workers > 0 else 0)
     return _stop_workers_on_error(iter(loader))
+
+
+def _worker_init(_worker_id: int) -> None:
+    # SLURM (preemption, scancel) and torchrun send SIGTERM to every process of the job. The trainer then saves at the
+    # end of the current iteration, which needs its data: workers keep serving until the trainer shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)  # workers share the cores with the ranks; torch's own pool would oversubscribe them
 
 
 def _stop_workers_on_error(it):
@@ -280,8 +288,13 @@ def _stop_workers_on_error(it):
     try:
         yield from it
     except BaseException:
-        for w in getattr(it, "_workers", []):  # only the multi-process iterator has workers
-            w.terminate()
-        if hasattr(it, "_shutdown_workers"):
+        if hasattr(it, "_shutdown_workers"):  # only the multi-process iterator has workers
+            # Untrack them first, or torch's SIGCHLD handler reports the kill instead of the real error; SIGKILL
+            # because workers ignore SIGTERM (see _worker_init).
+            if it._worker_pids_set:
+                torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+                it._worker_pids_set = False
+            for w in it._workers:
+                w.kill()
             it._shutdown_workers()
         raise
