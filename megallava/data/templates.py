@@ -33,11 +33,11 @@ trained token left raises "no_trained_tokens" rather than training on an all-mas
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from megallava.data.batching import IGNORE_INDEX
 from megallava.data.tokenizer import Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("vicuna_v1", "llama_2", "plain")
-IGNORE_INDEX = -100
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 LLAMA2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
