@@ -18,6 +18,7 @@ from megallava.convert.hf_to_megatron import hf_to_megatron
 from megallava.convert.megatron_to_hf import megatron_to_hf
 from megallava.convert.tensor_files import TensorFiles
 from megallava.convert.verify import make_batch, megallava_logits, verify
+from tests.conftest import randomise_hf
 from tests.multirank import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -41,18 +42,6 @@ def vision_config():
                             image_size=IMAGE, patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
-def randomise(model):
-    """HF inits norms to 1 and biases to 0: randomise every tensor so a mis-mapped one cannot hide."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_((0.1 if p.ndim == 1 else 0.05) * torch.randn_like(p))
-    return model
-
-
 def write_tokenizer(d):
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 128, "bos_token": "<s>"}, f)
@@ -70,7 +59,7 @@ def hf_llava(work):
     """A llava-hf directory written by transformers' save_pretrained (sharded: index + several files)."""
     cfg = LlavaConfig(vision_config=vision_config(), text_config=text_config(), image_token_index=IMAGE_TOKEN,
                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
-    model = randomise(LlavaForConditionalGeneration(cfg).float().eval())
+    model = randomise_hf(LlavaForConditionalGeneration(cfg).float().eval())
     d = str(work / "llava_hf")
     model.save_pretrained(d, max_shard_size="100KB")
     write_tokenizer(d)

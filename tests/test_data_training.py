@@ -10,18 +10,6 @@ from tests.multirank import run_ranks
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "demo.yaml")
 
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    from prepare_demo_data import main
-
-    out = tmp_path_factory.mktemp("demo_data")
-    main(str(out))
-    return out
-
-
 def train(world, overrides, demo_data, run_dir):
     base = [f"data.tokenizer={demo_data}/tokenizer.model",
             f"data.sources=[{{path: {demo_data}/shards/instruct, weight: 0.75}}, "

@@ -5,6 +5,7 @@ import torch
 
 from megallava import config as C
 from megallava.convert import hf_names
+from tests.conftest import randomise_hf
 from tests.multirank import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -33,15 +34,7 @@ def hf_model():
                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg).float().eval()
-    # HF inits norms to 1 and biases to 0: randomise every tensor so a mis-mapped one cannot hide.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_((0.1 if p.ndim == 1 else 0.05) * torch.randn_like(p))
-    return model
+    return randomise_hf(LlavaForConditionalGeneration(cfg).float().eval())
 
 
 def inputs():

@@ -2,7 +2,6 @@
 restart per sample, so a packed micro-batch gives exactly the per-token losses of the same samples unpacked; the
 samples of every step are unchanged, so losses match the unpacked run and stay layout-invariant."""
 import os
-import sys
 
 import pytest
 import torch
@@ -160,17 +159,6 @@ def test_packed_training_matches_unpacked_and_across_layouts(tmp_path):
         for r, g in zip(ref, got):
             assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), name
             assert g["trained_tokens"] == r["trained_tokens"], name
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    from prepare_demo_data import main
-
-    out = tmp_path_factory.mktemp("demo_data")
-    main(str(out))
-    return out
-
 
 def _demo_overrides(demo_data):
     return [f"data.tokenizer={demo_data}/tokenizer.model",
