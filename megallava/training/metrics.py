@@ -67,28 +67,23 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+# Progress-line fields in order: record key -> how to show its value.
+_PROGRESS_FIELDS = (
+    ("loss", lambda v: f"loss {v:.4f}"),
+    ("lr", lambda v: f"lr {v:.2e}"),
+    ("grad_norm", lambda v: f"gnorm {v:.3f}"),
+    ("step_time_s", lambda v: f"{v * 1000:.0f} ms"),
+    ("tokens_per_s", lambda v: f"{_si(v)} tok/s"),
+    ("tflops_per_gpu", lambda v: f"{v:.1f} TFLOP/s/gpu"),
+    ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
+    ("mem_gib", lambda v: f"{v:.1f} GiB"),
+)
+
+
 def format_progress(r: Dict, total: Optional[int] = None) -> str:
     """One line per logged iteration; fields whose key is missing or None are left out."""
-    def has(key):
-        return isinstance(r.get(key), numbers.Real)
-
     parts = [f"iter {r['iteration']}" + (f"/{total}" if total else "")]
-    if has("loss"):
-        parts.append(f"loss {r['loss']:.4f}")
-    if has("lr"):
-        parts.append(f"lr {r['lr']:.2e}")
-    if has("grad_norm"):
-        parts.append(f"gnorm {r['grad_norm']:.3f}")
-    if has("step_time_s"):
-        parts.append(f"{r['step_time_s'] * 1000:.0f} ms")
-    if has("tokens_per_s"):
-        parts.append(f"{_si(r['tokens_per_s'])} tok/s")
-    if has("tflops_per_gpu"):
-        parts.append(f"{r['tflops_per_gpu']:.1f} TFLOP/s/gpu")
-    if has("mfu"):
-        parts.append(f"MFU {100 * r['mfu']:.1f}%")
-    if has("mem_gib"):
-        parts.append(f"{r['mem_gib']:.1f} GiB")
+    parts += [show(r[key]) for key, show in _PROGRESS_FIELDS if isinstance(r.get(key), numbers.Real)]
     skipped = [f"{k[len('skipped_'):]} {r[k]}" for k in sorted(r) if k.startswith("skipped_") and r[k]]
     if skipped:
         parts.append("skipped " + ", ".join(skipped))
