@@ -59,6 +59,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     pipeline_layers: Optional[List[int]] = None      # LLM layers per (virtual) stage, in layer order; len = pp*vpp
     use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False                # DP grad reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool = False               # distributed optimizer's param all-gather overlapped with forward
 
 
 @dataclass
@@ -81,6 +83,24 @@ class TrainConfig:
     log_interval: int = 1
     exit_interval: Optional[int] = None              # stop (and save) after this iteration; schedule spans iters
     peak_tflops: Optional[float] = None              # per-GPU peak for MFU; None = detect (H100/H200 989, A100 312)
+    master_weights: bool = True                      # bf16: fp32 master weights + fp32 Adam states (false: all bf16)
+    grad_reduce_in_fp32: Optional[bool] = None       # fp32 main grads / DP reduction; null = same as master_weights
+    recompute: str = "none"                          # activation recompute: "none" | "selective" | "full"
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective: megatron's modules
+
+
+@dataclass
+class KernelsConfig:
+    """Fused paths, each switchable and each equal to the reference path it replaces (tests/test_kernels.py).
+    null = auto: on with CUDA, off on CPU (compiling costs more there than it saves)."""
+    fused_rmsnorm: Optional[bool] = None             # torch.compile'd RMSNorm
+    fused_swiglu: Optional[bool] = None              # megatron's compiled SwiGLU (bias_activation_fusion)
+    fused_rope: Optional[bool] = None                # compiled RoPE in megatron's apply_rope_fusion slot
+    fused_cross_entropy: Optional[bool] = None       # chunked output layer + CE: never holds the full fp32 logits
+    cross_entropy_chunk: int = 4096                  # tokens per chunk of the fused cross-entropy
+    fused_adam: Optional[bool] = None                # torch's fused AdamW step (apex/TE's own when installed)
+    flex_attention: Optional[bool] = None            # packed rows: FlexAttention block mask (null: with CUDA and no
+                                                     # recompute), not a dense [b, 1, s, s] mask
 
 
 @dataclass
@@ -124,6 +144,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +306,7 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
                 _apply_mapping(cfg, data, "", problems)
             elif data is not None:
                 problems.append(f"config file {path}: top level must be a mapping of sections "
-                                f"(model, parallel, train, data, checkpoint), got {type(data).__name__}")
+                                f"(model, parallel, train, data, checkpoint, kernels), got {type(data).__name__}")
     for text in overrides:
         _apply_override(cfg, text, problems)
     if problems:
@@ -301,29 +322,52 @@ def _divisors(n: int, limit: int = 64) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    p: list[str] = []
-    m, v, par, t, d = cfg.model, cfg.model.vision, cfg.parallel, cfg.train, cfg.data
+class _Checks:
+    """Collects problems; the helpers return whether the value passed, so later checks can skip what failed."""
 
-    def at_least(key: str, value: Any, lo: int, why: str = "") -> bool:
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def append(self, problem: str) -> None:
+        self.problems.append(problem)
+
+    def at_least(self, key: str, value: Any, lo: int, why: str = "") -> bool:
         if not value >= lo:  # `not >=` also catches NaN
-            p.append(f"{key}={value} must be >= {lo}{why}")
+            self.problems.append(f"{key}={value} must be >= {lo}{why}")
             return False
         return True
 
-    def in_range(key: str, value: float, lo: float, hi: float) -> None:
+    def in_range(self, key: str, value: float, lo: float, hi: float) -> None:
         if not lo <= value <= hi:
-            p.append(f"{key}={value} must be in [{lo}, {hi}]")
+            self.problems.append(f"{key}={value} must be in [{lo}, {hi}]")
 
-    def one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+    def one_of(self, key: str, value: str, allowed: Sequence[str]) -> bool:
         if value not in allowed:
-            p.append(f"{key}={value!r} is not supported: use one of {', '.join(allowed)}")
+            self.problems.append(f"{key}={value!r} is not supported: use one of {', '.join(allowed)}")
+            return False
+        return True
 
-    # --- sizes (later checks only run on the values that passed, so they never divide by zero)
-    ok = {k: at_least(f"model.{k}", getattr(m, k), 1) for k in (
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Every semantic problem of ``cfg`` at once (ConfigError), each naming the key, the values and the fix."""
+    p = _Checks()
+    ok = _validate_model(cfg, p)
+    dp = _validate_parallel(cfg, world_size, ok, p)
+    _validate_train(cfg, dp, p)
+    _validate_data(cfg, ok, p)
+    _validate_checkpoint(cfg, p)
+    _validate_kernels(cfg, p)
+    if p.problems:
+        raise ConfigError(p.problems)
+
+
+def _validate_model(cfg: Config, p: _Checks) -> dict:
+    """Sizes, attention shapes, the vision tower and projector. Returns which sizes passed (later checks divide)."""
+    m, v = cfg.model, cfg.model.vision
+    ok = {k: p.at_least(f"model.{k}", getattr(m, k), 1) for k in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
         "make_vocab_size_divisible_by")}
-    ok.update({f"vision.{k}": at_least(f"model.vision.{k}", getattr(v, k), 1) for k in (
+    ok.update({f"vision.{k}": p.at_least(f"model.vision.{k}", getattr(v, k), 1) for k in (
         "image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
         "num_channels")})
     for key, value in (("model.rms_norm_eps", m.rms_norm_eps), ("model.rope_theta", m.rope_theta),
@@ -332,10 +376,9 @@ def validate(cfg: Config, world_size: int) -> None:
             p.append(f"{key}={value} must be > 0")
     # image_token_id may be negative (LLaVA's -200) or a real vocab id (llava-hf adds <image> to the vocab).
 
-    # --- attention shapes
     groups = m.num_query_groups
-    groups_ok = groups is None or at_least("model.num_query_groups", groups, 1, " (or null for MHA)")
-    if groups is not None and groups_ok and ok["num_attention_heads"] and m.num_attention_heads % groups:
+    ok["groups"] = groups is not None and p.at_least("model.num_query_groups", groups, 1, " (or null for MHA)")
+    if ok["groups"] and ok["num_attention_heads"] and m.num_attention_heads % groups:
         p.append(f"model.num_query_groups={groups} does not divide model.num_attention_heads={m.num_attention_heads}: "
                  f"choose num_query_groups in {_divisors(m.num_attention_heads)}")
     for key, h, n, good in (("model", m.hidden_size, m.num_attention_heads,
@@ -346,8 +389,26 @@ def validate(cfg: Config, world_size: int) -> None:
             p.append(f"{key}.hidden_size={h} is not divisible by {key}.num_attention_heads={n}: "
                      f"choose num_attention_heads in {_divisors(h)}")
 
-    # --- model parallel sizes and world size
-    tp_ok, pp_ok = at_least("parallel.tp", par.tp, 1), at_least("parallel.pp", par.pp, 1)
+    ok["image"] = ok["vision.image_size"] and ok["vision.patch_size"]
+    if ok["image"] and v.image_size % v.patch_size:
+        lo = v.image_size // v.patch_size * v.patch_size
+        fix = f"use {lo} or {lo + v.patch_size}" if lo else f"use {v.patch_size}"
+        p.append(f"model.vision.image_size={v.image_size} is not divisible by patch_size={v.patch_size}: {fix}")
+        ok["image"] = False
+    if ok["vision.num_layers"] and not -v.num_layers <= v.select_layer <= -1:
+        p.append(f"model.vision.select_layer={v.select_layer} must be in [-{v.num_layers}, -1] "
+                 f"(-1 = last layer, -2 = penultimate)")
+    p.one_of("model.projector", m.projector, ("linear", "mlp2x_gelu"))
+    if not (m.train_llm or m.train_projector or m.train_vision):
+        p.append("nothing to train: set at least one of model.train_llm, model.train_projector, "
+                 "model.train_vision to true")
+    return ok
+
+
+def _validate_parallel(cfg: Config, world_size: int, ok: dict, p: _Checks) -> Optional[int]:
+    """TP/PP/VPP sizes against the world size and the model; the pipeline split. Returns dp (None if unknown)."""
+    m, v, par = cfg.model, cfg.model.vision, cfg.parallel
+    tp_ok, pp_ok = p.at_least("parallel.tp", par.tp, 1), p.at_least("parallel.pp", par.pp, 1)
     dp = None
     if not world_size >= 1:
         p.append(f"world size {world_size} must be >= 1")
@@ -360,7 +421,7 @@ def validate(cfg: Config, world_size: int) -> None:
             dp = world_size // mp
     if tp_ok:
         for key, n, good in (("model.num_attention_heads", m.num_attention_heads, ok["num_attention_heads"]),
-                             ("model.num_query_groups", groups, groups is not None and groups_ok),
+                             ("model.num_query_groups", m.num_query_groups, ok["groups"]),
                              ("model.ffn_hidden_size", m.ffn_hidden_size, ok["ffn_hidden_size"]),
                              ("model.vision.num_attention_heads", v.num_attention_heads,
                               ok["vision.num_attention_heads"]),
@@ -369,9 +430,11 @@ def validate(cfg: Config, world_size: int) -> None:
                 p.append(f"parallel.tp={par.tp} does not divide {key}={n}: choose tp in {_divisors(n)}")
     if par.sequence_parallel and par.tp == 1:
         p.append("parallel.sequence_parallel=true needs parallel.tp > 1: set it to false or raise parallel.tp")
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        p.append("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true (only the "
+                 "distributed optimizer gathers parameters): enable it or set overlap_param_gather=false")
 
-    # --- pipeline split
-    vpp_ok = par.vpp is None or at_least("parallel.vpp", par.vpp, 1, " (or null to disable interleaving)")
+    vpp_ok = par.vpp is None or p.at_least("parallel.vpp", par.vpp, 1, " (or null to disable interleaving)")
     if par.vpp is not None and par.pp == 1:
         p.append(f"parallel.vpp={par.vpp} needs parallel.pp > 1: raise parallel.pp or set parallel.vpp=null")
     if pp_ok and ok["num_layers"] and par.pp > m.num_layers:
@@ -393,9 +456,17 @@ def validate(cfg: Config, world_size: int) -> None:
     elif chunks and par.pp > 1 and ok["num_layers"] and m.num_layers % chunks:
         p.append(f"model.num_layers={m.num_layers} is not divisible by {label}={chunks}: "
                  f"set parallel.pipeline_layers for an uneven split")
+    return dp
 
-    # --- batch and schedule
-    ok_iters = [at_least(f"train.{k}", getattr(t, k), 1)
+
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # megatron's selective modules that apply to a dense LLM
+
+
+def _validate_train(cfg: Config, dp: Optional[int], p: _Checks) -> None:
+    """Batch and schedule, optimizer, precision and recompute."""
+    t, par = cfg.train, cfg.parallel
+    ok_iters = [p.at_least(f"train.{k}", getattr(t, k), 1)
                 for k in ("iters", "micro_batch_size", "global_batch_size", "log_interval")]
     if dp and all(ok_iters):
         per = t.micro_batch_size * dp
@@ -407,47 +478,52 @@ def validate(cfg: Config, world_size: int) -> None:
                      f"(micro_batch_size*dp)) is not divisible by parallel.pp={par.pp}, as the interleaved schedule "
                      f"(parallel.vpp={par.vpp}) requires: make train.global_batch_size a multiple of {per * par.pp}")
 
-    # --- optimizer
     if not t.lr > 0:
         p.append(f"train.lr={t.lr} must be > 0")
     elif not 0 <= t.min_lr <= t.lr:
         p.append(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
-    in_range("train.lr_warmup_fraction", t.lr_warmup_fraction, 0, 1)
-    at_least("train.weight_decay", t.weight_decay, 0)
-    at_least("train.clip_grad", t.clip_grad, 0, " (0 disables clipping)")
+    p.in_range("train.lr_warmup_fraction", t.lr_warmup_fraction, 0, 1)
+    p.at_least("train.weight_decay", t.weight_decay, 0)
+    p.at_least("train.clip_grad", t.clip_grad, 0, " (0 disables clipping)")
     for key, beta in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
         if not 0 <= beta < 1:
             p.append(f"{key}={beta} must be in [0, 1)")
     if not t.adam_eps > 0:
         p.append(f"train.adam_eps={t.adam_eps} must be > 0")
-    one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
-    one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    p.one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "constant"))
+    p.one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    if t.exit_interval is not None:
+        p.at_least("train.exit_interval", t.exit_interval, 1, " (or null to run all train.iters)")
 
-    # --- vision tower and projector
-    image_ok = ok["vision.image_size"] and ok["vision.patch_size"]
-    if image_ok and v.image_size % v.patch_size:
-        lo = v.image_size // v.patch_size * v.patch_size
-        fix = f"use {lo} or {lo + v.patch_size}" if lo else f"use {v.patch_size}"
-        p.append(f"model.vision.image_size={v.image_size} is not divisible by patch_size={v.patch_size}: {fix}")
-        image_ok = False
-    if ok["vision.num_layers"] and not -v.num_layers <= v.select_layer <= -1:
-        p.append(f"model.vision.select_layer={v.select_layer} must be in [-{v.num_layers}, -1] "
-                 f"(-1 = last layer, -2 = penultimate)")
-    one_of("model.projector", m.projector, ("linear", "mlp2x_gelu"))
-    if not (m.train_llm or m.train_projector or m.train_vision):
-        p.append("nothing to train: set at least one of model.train_llm, model.train_projector, "
-                 "model.train_vision to true")
+    if not t.master_weights:
+        if t.precision == "fp32":
+            p.append("train.master_weights=false keeps the weights in the training dtype, but train.precision=fp32 "
+                     "has no lower-precision copy: use train.precision=bf16 or master_weights=true")
+        if par.use_distributed_optimizer:
+            p.append("train.master_weights=false keeps no fp32 optimizer state to shard: set "
+                     "parallel.use_distributed_optimizer=false (or keep master_weights=true and shard the fp32 "
+                     "state over data-parallel ranks)")
+        if t.grad_reduce_in_fp32:
+            p.append("train.grad_reduce_in_fp32=true needs fp32 master weights (the optimizer steps the bf16 "
+                     "weights with their own-dtype grads): set train.master_weights=true or grad_reduce_in_fp32=null")
+    if p.one_of("train.recompute", t.recompute, RECOMPUTE) and t.recompute == "selective":
+        bad = [x for x in t.recompute_modules if x not in RECOMPUTE_MODULES]
+        if bad or not t.recompute_modules:
+            p.append(f"train.recompute_modules={t.recompute_modules} must be a non-empty list of "
+                     f"{', '.join(RECOMPUTE_MODULES)}")
 
-    # --- data
+
+def _validate_data(cfg: Config, ok: dict, p: _Checks) -> None:
+    d = cfg.data
     if d.source not in ("synthetic", "shards"):
         p.append(f"data.source={d.source!r} is not supported: allowed values are 'synthetic', 'shards'")
     if d.source == "shards":
         _validate_shard_data(d, p)
-    seq_ok = at_least("data.seq_length", d.seq_length, 1)
-    at_least("data.num_samples", d.num_samples, 1)
-    images_ok = at_least("data.max_images_per_sample", d.max_images_per_sample, 0)
-    in_range("data.text_only_fraction", d.text_only_fraction, 0, 1)
-    if seq_ok and images_ok and image_ok and d.max_images_per_sample >= 1:
+    seq_ok = p.at_least("data.seq_length", d.seq_length, 1)
+    p.at_least("data.num_samples", d.num_samples, 1)
+    images_ok = p.at_least("data.max_images_per_sample", d.max_images_per_sample, 0)
+    p.in_range("data.text_only_fraction", d.text_only_fraction, 0, 1)
+    if seq_ok and images_ok and ok["image"] and d.max_images_per_sample >= 1:
         tokens = image_tokens_per_image(cfg)
         need = d.max_images_per_sample * tokens + 16  # images plus room for some text
         if d.seq_length < need:
@@ -455,21 +531,27 @@ def validate(cfg: Config, world_size: int) -> None:
                      f"{d.max_images_per_sample} image(s) of {tokens} tokens plus 16 text tokens: use seq_length >= "
                      f"{need}, or lower max_images_per_sample / model.vision.image_size")
 
-    at_least("checkpoint.interval", cfg.checkpoint.interval, 0, " (0 = save only at the end)")
-    if t.exit_interval is not None:
-        at_least("train.exit_interval", t.exit_interval, 1, " (or null to run all train.iters)")
-    if cfg.checkpoint.keep is not None:
-        at_least("checkpoint.keep", cfg.checkpoint.keep, 1, " (or null to keep every checkpoint)")
-    if cfg.checkpoint.interval and not cfg.checkpoint.dir:
-        p.append(f"checkpoint.interval={cfg.checkpoint.interval} needs checkpoint.dir (where to save)")
-    if cfg.checkpoint.load is not None and not os.path.exists(cfg.checkpoint.load):
-        p.append(f"checkpoint.load={cfg.checkpoint.load} does not exist")
 
-    if p:
-        raise ConfigError(p)
+def _validate_checkpoint(cfg: Config, p: _Checks) -> None:
+    ck = cfg.checkpoint
+    p.at_least("checkpoint.interval", ck.interval, 0, " (0 = save only at the end)")
+    if ck.keep is not None:
+        p.at_least("checkpoint.keep", ck.keep, 1, " (or null to keep every checkpoint)")
+    if ck.interval and not ck.dir:
+        p.append(f"checkpoint.interval={ck.interval} needs checkpoint.dir (where to save)")
+    if ck.load is not None and not os.path.exists(ck.load):
+        p.append(f"checkpoint.load={ck.load} does not exist")
 
 
-def _validate_shard_data(d: DataConfig, p: list[str]) -> None:
+def _validate_kernels(cfg: Config, p: _Checks) -> None:
+    p.at_least("kernels.cross_entropy_chunk", cfg.kernels.cross_entropy_chunk, 1, " (tokens per chunk)")
+    if cfg.kernels.flex_attention and cfg.train.recompute != "none":
+        p.append(f"kernels.flex_attention=true cannot be combined with train.recompute={cfg.train.recompute!r} (a "
+                 f"FlexAttention block mask cannot pass megatron's recompute functions): set flex_attention=null "
+                 f"(dense masks under recompute) or train.recompute=none")
+
+
+def _validate_shard_data(d: DataConfig, p: _Checks) -> None:
     """data.source=shards: the mix, the tokenizer and the loader options."""
     from megallava.data.templates import TEMPLATES
     if not d.sources:

@@ -123,7 +123,8 @@ def test_round_trip(tmp_path):
     dump_yaml(cfg, path)
     assert load_config(path) == cfg
     assert to_dict(cfg)["model"]["vision"]["image_size"] == 224
-    assert list(yaml.safe_load(open(path))) == ["model", "parallel", "train", "data", "checkpoint"]  # not sorted
+    assert list(yaml.safe_load(open(path))) == ["model", "parallel", "train", "data", "checkpoint",
+                                                  "kernels"]  # not sorted
 
 
 # ------------------------------------------------------------------------------------------------- validation
@@ -183,6 +184,22 @@ INVALID = {
     "checkpoint_interval": (["checkpoint.interval=-5"], 1, "checkpoint.interval=-5 must be >= 0"),
     "num_layers": (["model.num_layers=0"], 1, "model.num_layers=0 must be >= 1"),
     "tp_zero": (["parallel.tp=0"], 1, "parallel.tp=0 must be >= 1"),
+    "recompute": (["train.recompute=block"], 1, "train.recompute='block' is not supported: use one of none, "),
+    "recompute_modules": (["train.recompute=selective", "train.recompute_modules=[core_attn, moe]"], 1,
+                          "train.recompute_modules=['core_attn', 'moe'] must be a non-empty list of core_attn, "),
+    "bf16_weights_distopt": (["train.master_weights=false", "train.precision=bf16"], 1,
+                             "train.master_weights=false keeps no fp32 optimizer state to shard: set "
+                             "parallel.use_distributed_optimizer=false"),
+    "bf16_weights_fp32_grads": (["train.master_weights=false", "parallel.use_distributed_optimizer=false",
+                                 "train.grad_reduce_in_fp32=true"], 1,
+                                "train.grad_reduce_in_fp32=true needs fp32 master weights"),
+    "bf16_weights_fp32": (["train.master_weights=false", "parallel.use_distributed_optimizer=false",
+                           "train.precision=fp32"], 1, "train.precision=fp32 has no lower-precision copy"),
+    "overlap_param_gather": (["parallel.overlap_param_gather=true", "parallel.use_distributed_optimizer=false"], 1,
+                             "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true"),
+    "ce_chunk": (["kernels.cross_entropy_chunk=0"], 1, "kernels.cross_entropy_chunk=0 must be >= 1"),
+    "flex_recompute": (["kernels.flex_attention=true", "train.recompute=full"], 1,
+                       "kernels.flex_attention=true cannot be combined with train.recompute='full'"),
 }
 
 
