@@ -7,7 +7,7 @@ written as ``param.type() == 'torch.cuda.FloatTensor'``, and the CUDA RNG tracke
 
 Rather than rewriting every operator through a TorchFunctionMode (measured ~25% slower per step), we redirect only
 the few entry points those call sites use: the tensor factories, ``torch.cuda.current_device``, ``Tensor.cuda``,
-``Tensor.type`` and the RNG tracker. Hot-path ops (matmuls, activations) are untouched.
+``Tensor.type``, the RNG tracker and the generator state recompute saves. Hot-path ops (matmuls, activations) are untouched.
 """
 from __future__ import annotations
 
@@ -133,6 +133,10 @@ def install() -> None:
 
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)
+    # Activation recompute (CheckpointFunction) saves and restores the "CUDA" generator next to the CPU one: on CPU
+    # both are the default generator.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     # model_parallel_cuda_manual_seed seeds the default generator through torch.cuda.manual_seed.
     torch.cuda.manual_seed = torch.manual_seed
 

@@ -37,7 +37,7 @@ def build_chunks(cfg, init_seed=None) -> List[LLaVAChunk]:
         chunk = LLaVAChunk(cfg.model, config,
                            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                           vp_stage=vp_stage)
+                           vp_stage=vp_stage, kernels=cfg.kernels)
         set_trainable(chunk, cfg.model)
         chunks.append(chunk)
     init_weights(chunks, cfg.train.seed if init_seed is None else init_seed, cfg.model.init_std)

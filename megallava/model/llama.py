@@ -8,6 +8,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megallava.model import fused
 from megallava.model.norms import RMSNorm
 from megallava.model.specs import COMMON_CONFIG, transformer_layer_spec
 
@@ -30,9 +31,22 @@ def pipeline_layout(pipeline_layers):
     return layout
 
 
+def recompute_config(train_cfg) -> dict:
+    """train.recompute as megatron flags: ``full`` keeps only each layer's input and reruns the layer in backward;
+    ``selective`` reruns the listed sub-modules (megatron's default: core attention)."""
+    if train_cfg.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if train_cfg.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(train_cfg.recompute_modules))
+    return {}
+
+
 def llm_transformer_config(cfg, pipeline_layers, params_dtype: torch.dtype) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     bf16 = params_dtype == torch.bfloat16
+    kernels = fused.resolve(cfg.kernels)
+    if kernels.fused_rope:
+        fused.install_rope_fusion()  # before TransformerConfig: it refuses apply_rope_fusion with an empty slot
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -65,12 +79,18 @@ def llm_transformer_config(cfg, pipeline_layers, params_dtype: torch.dtype) -> T
         # unbatched path sends each direction on its own process group.
         batch_p2p_comm=False,
         calculate_per_token_loss=True,        # loss = sum over trained tokens / their count, across micro-batches and DP
-        **COMMON_CONFIG,
+        **{**COMMON_CONFIG, **recompute_config(cfg.train),
+           "bias_activation_fusion": kernels.fused_swiglu,  # megatron's compiled SwiGLU (fwd and bwd)
+           "apply_rope_fusion": kernels.fused_rope},
     )
 
 
-def llm_layer_spec() -> ModuleSpec:
-    return transformer_layer_spec(RMSNorm, AttnMaskType.causal)
+def llm_norm(fused_rmsnorm: bool) -> ModuleSpec:
+    return ModuleSpec(module=RMSNorm, params={"fused": fused_rmsnorm})
+
+
+def llm_layer_spec(fused_rmsnorm: bool = False) -> ModuleSpec:
+    return transformer_layer_spec(llm_norm(fused_rmsnorm), AttnMaskType.causal)
 
 
 def rotary_freqs(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:

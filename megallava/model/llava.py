@@ -11,8 +11,11 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build)
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megallava.model.llama import llm_layer_spec, padded_vocab_size, rotary_freqs
-from megallava.model.norms import RMSNorm
+from megallava.config import KernelsConfig
+from megallava.model import fused
+from megallava.model.attention import packed_attention_mask
+from megallava.model.cross_entropy import fused_vocab_parallel_cross_entropy
+from megallava.model.llama import llm_layer_spec, llm_norm, padded_vocab_size, rotary_freqs
 from megallava.model.projector import Projector
 from megallava.model.vision import CLIPVisionTower, vision_transformer_config
 
@@ -23,9 +26,11 @@ def _no_init(_):
 
 class LLaVAChunk(MegatronModule):
     def __init__(self, model_cfg, config: TransformerConfig, pre_process: bool, post_process: bool,
-                 vp_stage: Optional[int] = None):
+                 vp_stage: Optional[int] = None, kernels=None):
+        """``kernels``: the config's kernels section (null switches = on with CUDA)."""
         super().__init__(config=config)
         self.model_cfg = model_cfg
+        self.kernels = fused.resolve(kernels if kernels is not None else KernelsConfig())
         # Read by megatron's schedules and finalize_model_grads: LLaMA's embedding and lm_head are untied.
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
@@ -44,8 +49,9 @@ class LLaVAChunk(MegatronModule):
 
         num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
         self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        norm = self.kernels.fused_rmsnorm
         self.decoder = TransformerBlock(
-            config, TransformerBlockSubmodules(layer_specs=[llm_layer_spec()] * num_layers, layer_norm=RMSNorm),
+            config, TransformerBlockSubmodules(layer_specs=[llm_layer_spec(norm)] * num_layers, layer_norm=llm_norm(norm)),
             pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
         if post_process:
@@ -106,24 +112,32 @@ class LLaVAChunk(MegatronModule):
         rope = rotary_freqs(seq_length, self.config.kv_channels, self.model_cfg.rope_theta, device=local.device)
         if position_ids is not None:
             rope = rope[:, 0, 0][position_ids.t().to(local.device)].unsqueeze(2)  # [s, 1, 1, d] -> [s, b, 1, d]
-        mask = None if segment_ids is None else segment_attention_mask(segment_ids.to(local.device))
+        mask = None
+        if segment_ids is not None:  # one mask per micro-batch, shared by every layer
+            # A BlockMask is no tensor and cannot pass megatron's recompute (checkpoint) functions: dense mask then.
+            flex = self.kernels.flex_attention and self.config.recompute_granularity is None
+            mask = packed_attention_mask(segment_ids.to(local.device), use_flex=flex)
         hidden = self.decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rope)
         if not self.post_process:
             return hidden
-        logits = self.vocab_parallel_logits(hidden)
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
+            return self.vocab_parallel_logits(hidden).transpose(0, 1).contiguous()
         target = labels.transpose(0, 1).contiguous()
+        if self.kernels.fused_cross_entropy:
+            loss = fused_vocab_parallel_cross_entropy(self._output_layer_input(hidden), self.output_layer.weight,
+                                                      target, self.vocab_size, self.kernels.cross_entropy_chunk)
+            return loss.transpose(0, 1).contiguous()
+        logits = self.vocab_parallel_logits(hidden)
         ignore = target < 0
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
         return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
 
-
-def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] segment ids -> [b, 1, s, s] bool mask in megatron's convention (True = masked out): a token attends to
-    earlier-or-same positions of its own segment only. Padding (segment 0) attends to padding, so no query row is
-    fully masked (SDPA would return NaN there) and real tokens never see it."""
-    s = segment_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril_()
-    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
-    return ~allowed[:, None]
+    def _output_layer_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What ColumnParallelLinear does to its input before the GEMM, for the fused cross-entropy that uses the
+        output layer's weight directly: gather the sequence (SP; reduce-scatter of the grad) or enter the TP region
+        (all-reduce of the grad)."""
+        if self.config.sequence_parallel:
+            return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        if self.config.tensor_model_parallel_size > 1:
+            return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        return hidden

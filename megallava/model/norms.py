@@ -7,19 +7,22 @@ for parameters marked ``sequence_parallel``.
 import torch
 from torch import nn
 
+from megallava.model.fused import rms_norm, rms_norm_reference
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+    """HF LlamaRMSNorm semantics (normalise in fp32, cast back, scale). ``fused`` (kernels.fused_rmsnorm, set
+    through the layer spec's params) runs it as one compiled kernel."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x):
-        # Normalise in fp32 like HF LlamaRMSNorm, then cast back before the weight multiply.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (rms_norm if self.fused else rms_norm_reference)(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):

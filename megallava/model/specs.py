@@ -28,7 +28,8 @@ COMMON_CONFIG = dict(
 
 
 def transformer_layer_spec(norm, attn_mask_type: AttnMaskType) -> ModuleSpec:
-    """Pre-norm layer: norm -> self-attention (fused QKV, SDPA) -> residual -> norm -> MLP -> residual."""
+    """Pre-norm layer: norm -> self-attention (fused QKV, SDPA) -> residual -> norm -> MLP -> residual. ``norm`` is
+    a module class or a ModuleSpec carrying its params (e.g. RMSNorm's ``fused``)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

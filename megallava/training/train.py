@@ -67,7 +67,7 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     from megallava.model.build import build_chunks
     from megallava.training import checkpoint, flops
     from megallava.training.metrics import MetricsWriter
-    from megallava.training.optimizer import build_optimizer, wrap_ddp
+    from megallava.training.optimizer import build_optimizer, sync_params, wrap_ddp
     from megallava.training.preemption import PreemptionHandler
     from megallava.training.step import train_step
 
@@ -120,11 +120,13 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
             on_iteration(iteration, model, out)
         stop = (preemption.should_stop() if ck.dir else False) or iteration == cfg.train.exit_interval
         if ck.dir and (stop or (ck.interval and iteration % ck.interval == 0) or iteration == cfg.train.iters):
+            sync_params(model, cfg)
             checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep)
         if stop:
             if rank0:
                 print(f"stopping after iteration {iteration}" + (f"; saved to {ck.dir}" if ck.dir else ""), flush=True)
             break
+    sync_params(model, cfg)
     preemption.restore()
     metrics.close()
     return records
