@@ -64,6 +64,30 @@ def test_exact_resume_tp2pp2_distributed_optimizer(uninterrupted, tmp_path):
     assert_same_weights(resumed["weights"], full["weights"], rtol=0, atol=0)
 
 
+def test_overlapped_param_gather_saves_updated_weights(tmp_path):
+    """parallel.overlap_param_gather: an update reaches the other DP ranks' copies only with the next forward's
+    all-gather, so a save gathers first: the saved weights (what conversion exports) equal those of the same run
+    without overlap, and a resumed run continues bitwise."""
+    from megallava.convert.dcp import CheckpointReader
+
+    base = ["parallel.tp=1", "parallel.pp=1"]
+    overlap = base + ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+    plain = train(2, base + ["train.iters=2", f"checkpoint.dir={tmp_path}/plain"], tmp_path / "p")
+    first = train(2, overlap + ["train.iters=2", f"checkpoint.dir={tmp_path}/ckpt"], tmp_path / "a")
+    assert plain["losses"] == first["losses"]
+    saved, reference = CheckpointReader(f"{tmp_path}/ckpt"), CheckpointReader(f"{tmp_path}/plain")
+    keys = [k for k in reference.metadata.state_dict_metadata
+            if reference.tensor_meta(k) is not None and not k.startswith("optimizer")]
+    assert "decoder.layers.mlp.linear_fc1.weight" in keys
+    for key in keys:
+        torch.testing.assert_close(saved.read(key), reference.read(key), rtol=0, atol=1e-7, msg=key)
+    full = train(2, overlap + ["train.iters=4"], tmp_path / "full")
+    stopped = train(2, overlap + ["train.iters=4", "train.exit_interval=2", f"checkpoint.dir={tmp_path}/ck4"],
+                    tmp_path / "s")
+    resumed = train(2, overlap + ["train.iters=4", f"checkpoint.load={tmp_path}/ck4"], tmp_path / "b")
+    assert stopped["losses"] + resumed["losses"] == full["losses"]
+
+
 def test_sigkill_during_save_keeps_last_good_checkpoint(uninterrupted, tmp_path):
     full, _ = uninterrupted
     ckpt = tmp_path / "ckpt"

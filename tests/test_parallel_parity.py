@@ -23,6 +23,7 @@ def train_layout(world_size, overrides, tmp_path):
 
     def fn(rank, env):
         from megatron.core import parallel_state
+        from megallava.training.optimizer import sync_params
         from megallava.training.train import run
 
         cfg = C.load_config(TINY, base + overrides)
@@ -34,6 +35,7 @@ def train_layout(world_size, overrides, tmp_path):
             if iteration == 1:
                 captured["grads"] = local_pieces(model, NAMES, tp_rank, use_main_grad=True)
             if iteration == ITERS:
+                sync_params(model, cfg)  # overlap_param_gather: the update reaches the model with the next gather
                 captured["weights"] = local_pieces(model, NAMES, tp_rank)
             captured["dp_rank"] = parallel_state.get_data_parallel_rank()
 
@@ -62,6 +64,10 @@ LAYOUTS = {
     "pp2_uneven": (2, ["parallel.pp=2", "parallel.pipeline_layers=[1,3]"], True),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], True),
     "tp2pp2dp2_distopt_sp": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False),
+    # megatron DDP's overlapped grad reduce-scatter and param all-gather (multi-GPU settings), here on gloo
+    "dp2_overlap": (2, ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"], False),
+    "pp2dp2_overlap": (4, ["parallel.pp=2", "parallel.overlap_grad_reduce=true",
+                           "parallel.overlap_param_gather=true"], False),
 }
 
 
