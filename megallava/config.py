@@ -460,7 +460,9 @@ def _validate_parallel(cfg: Config, world_size: int, ok: dict, p: _Checks) -> Op
 
 
 RECOMPUTE = ("none", "selective", "full")
-RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # megatron's selective modules that apply to a dense LLM
+# megatron's selective-recompute modules that apply to a dense LLM without TransformerEngine ("layernorm" needs TE's
+# FP8 state manager in megatron-core 0.16)
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 def _validate_train(cfg: Config, dp: Optional[int], p: _Checks) -> None:

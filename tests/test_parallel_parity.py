@@ -64,6 +64,10 @@ LAYOUTS = {
     "pp2_uneven": (2, ["parallel.pp=2", "parallel.pipeline_layers=[1,3]"], True),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], True),
     "tp2pp2dp2_distopt_sp": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], False),
+    # activation recompute: the same math, rerun in backward
+    "tp2pp2_recompute_full": (4, ["parallel.tp=2", "parallel.pp=2", "train.recompute=full"], True),
+    "tp2_sp_recompute_selective": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=selective",
+                                       "train.recompute_modules=[core_attn, mlp]"], True),
     # megatron DDP's overlapped grad reduce-scatter and param all-gather (multi-GPU settings), here on gloo
     "dp2_overlap": (2, ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"], False),
     "pp2dp2_overlap": (4, ["parallel.pp=2", "parallel.overlap_grad_reduce=true",

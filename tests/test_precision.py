@@ -9,12 +9,13 @@ from tests.multirank import run_ranks
 TINY = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "tiny_cpu.yaml")
 
 
-def _run(precision, tmp_path):
+def _run(precision, tmp_path, extra=()):
     def fn(rank, env):
         from megallava.model.init import unwrap
         from megallava.training.train import run
 
-        cfg = C.load_config(TINY, ["train.iters=3", f"train.precision={precision}", f"train.run_dir={tmp_path}"])
+        cfg = C.load_config(TINY, ["train.iters=3", f"train.precision={precision}", f"train.run_dir={tmp_path}",
+                                   *extra])
         dtypes = {}
 
         def hook(iteration, model, out):
@@ -35,6 +36,9 @@ def test_bf16_params_fp32_grads_track_fp32(tmp_path):
     assert bf16_types == {"param": torch.bfloat16, "main_grad": torch.float32}  # grads reduced in fp32
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=2e-2, atol=0)
     assert bf16 != fp32  # it really ran in bf16
+    bf16_grads, types = _run("bf16", tmp_path / "bf16_grads", ["train.grad_reduce_in_fp32=false"])
+    assert types == {"param": torch.bfloat16, "main_grad": torch.bfloat16}  # grads accumulated / reduced in bf16
+    torch.testing.assert_close(torch.tensor(bf16_grads), torch.tensor(fp32), rtol=2e-2, atol=0)
 
 
 def _run_bf16_weights(tmp_path, extra):
