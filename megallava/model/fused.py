@@ -36,9 +36,22 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * x32.to(x.dtype)
 
 
+if not torch.cuda.is_available():
+    # Fork-safe compiling on CPU (ours, and megatron's compiled SwiGLU): inductor's pool of compile workers does not
+    # survive a fork, so a rank forked after its parent compiled would wait on the dead pool forever
+    # (megallava.local_ranks forks ranks). CPU compiles run in the calling process; CUDA keeps the parallel pool.
+    import torch._inductor.config as _inductor_config
+
+    _inductor_config.compile_threads = 1
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=None)
+
+
 @functools.cache
 def _compiled_rms_norm():
-    return torch.compile(rms_norm_reference, dynamic=None)
+    return _compile(rms_norm_reference)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,7 +70,7 @@ def rope_reference(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _compiled_rope():
-    return torch.compile(rope_reference, dynamic=None)
+    return _compile(rope_reference)
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
