@@ -174,6 +174,21 @@ def test_normalisation(tok):
     assert enc.tokens.count(IMG) == 2 * K
 
 
+def test_sharegpt_assistant_roles(tok):
+    """Raw ShareGPT dumps name the assistant chatgpt, bard or bing: the same tokens and mask as gpt."""
+    for role in ("chatgpt", "bard", "bing"):
+        conv = [{"from": role if t["from"] == "gpt" else t["from"], "value": t["value"]} for t in MULTI]
+        for t in TEMPLATES:
+            enc = encode(conv, t, tok, 1)
+            assert enc == encode(MULTI, t, tok, 1) and any(enc.trained)
+        # ... as role/content (the other ShareGPT layout), after a system turn, joined with a gpt turn
+        text = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Colour?"},
+                {"role": role, "content": "Brown."}, {"from": "gpt", "value": "Striped."}]
+        assert render_prompt(text, "vicuna_v1") == "Answer briefly. USER: Colour? ASSISTANT: Brown.\nStriped.</s>"
+    with pytest.raises(TemplateError, match="unknown_role: turn 1 has role 'ChatGPT'"):  # exact names only
+        encode([h("Hi"), {"from": "ChatGPT", "value": "Hello"}], "vicuna_v1", tok, 0)
+
+
 def test_empty_answer_is_not_trained(tok):
     conv = [h("Hello, can you help me?"), g(""), h("What colour is the cat?"), g("Brown.")]
     enc = encode(conv, "vicuna_v1", tok, 0)

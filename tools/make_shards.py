@@ -5,6 +5,9 @@
   python tools/make_shards.py sharegpt.json --source sharegpt --out shards/sharegpt
 
 Re-running with the same inputs keeps intact shards and resumes after the last one; see megallava/data/shards.py.
+Skipped records are counted per reason in manifest.json ("skipped") with the ids of the first 100 of each reason
+("skipped_ids"), and a few ids per reason are printed. Image paths must stay inside --image-root as written (symlinks
+inside the root are followed); others are skipped as outside_image_root unless --allow-outside-image-root is given.
 """
 import os
 import sys

@@ -22,18 +22,20 @@ the whole sample: issues #661, #1166):
   and byte-level BPE attach a word's leading space to the word ("▁The"), and LLaVA trains that token too. For
   llama_2 the space before "</s>" is part of the end marker and trained, as in LLaVA.
 
-Normalisation, following LLaVA: roles human/user -> user, gpt/assistant -> assistant; a leading "system" turn
-overrides the template's system text (a system turn anywhere else is an "unknown_role"); in a turn that contains
-"<image>", the tags are moved to the front as "<image>\\n" (LLaVA keeps one; we keep each tag, one per image);
-leading assistant turns are dropped (LLaVA drops a first turn that is not from the human); consecutive turns of the
-same role are joined with "\\n". An empty (whitespace-only) answer is rendered but not trained, not even its EOS:
-ShareGPT dumps contain such turns, and teaching the model to answer with nothing is a data bug. A sample with no
+Normalisation, following LLaVA: roles human/user -> user, gpt/assistant -> assistant, and chatgpt/bard/bing (the
+assistant in raw ShareGPT dumps) -> assistant (``shards.ROLES``, the table the shard writer checks too); a leading
+"system" turn overrides the template's system text (a system turn anywhere else is an "unknown_role"); in a turn
+that contains "<image>", the tags are moved to the front as "<image>\\n" (LLaVA keeps one; we keep each tag, one per
+image); leading assistant turns are dropped (LLaVA drops a first turn that is not from the human); consecutive turns
+of the same role are joined with "\\n". An empty (whitespace-only) answer is rendered but not trained, not even its
+EOS: ShareGPT dumps contain such turns, and teaching the model to answer with nothing is a data bug. A sample with no
 trained token left raises "no_trained_tokens" rather than training on an all-masked sample.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from megallava.data.batching import IGNORE_INDEX
+from megallava.data.shards import ROLES
 from megallava.data.tokenizer import Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -42,7 +44,6 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "helpful, detailed, and polite answers to the user's questions.")
 LLAMA2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                  "that the user provides, and assist the user with a variety of tasks using natural language.")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 REASONS = ("empty", "no_assistant_turn", "unknown_role", "image_count", "mismatch", "no_trained_tokens")
 
 
