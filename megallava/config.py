@@ -90,6 +90,17 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA / QLoRA on the LLM's linears (megallava.model.lora); the projector stays fully trained, the ViT, the
+    embedding and the output layer frozen (the paper's setting)."""
+    rank: int = 0                                    # 0 = full fine-tuning; the paper: 8 or 64
+    alpha: Optional[float] = None                    # null = 2 x rank (the paper's choice; scale = alpha / rank)
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    quantize: bool = False                           # QLoRA: frozen base weights in NF4 (4-bit, double-quantised)
+
+
+@dataclass
 class KernelsConfig:
     """Fused paths, each switchable and each equal to the reference path it replaces (tests/test_kernels.py).
     null = auto: on with CUDA, off on CPU (compiling costs more there than it saves)."""
@@ -145,6 +156,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,8 +317,8 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
             if isinstance(data, dict):
                 _apply_mapping(cfg, data, "", problems)
             elif data is not None:
-                problems.append(f"config file {path}: top level must be a mapping of sections "
-                                f"(model, parallel, train, data, checkpoint, kernels), got {type(data).__name__}")
+                problems.append(f"config file {path}: top level must be a mapping of sections (model, parallel, "
+                                f"train, data, checkpoint, kernels, lora), got {type(data).__name__}")
     for text in overrides:
         _apply_override(cfg, text, problems)
     if problems:
@@ -357,6 +369,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_data(cfg, ok, p)
     _validate_checkpoint(cfg, p)
     _validate_kernels(cfg, p)
+    _validate_lora(cfg, p)
     if p.problems:
         raise ConfigError(p.problems)
 
@@ -543,6 +556,27 @@ def _validate_checkpoint(cfg: Config, p: _Checks) -> None:
         p.append(f"checkpoint.interval={ck.interval} needs checkpoint.dir (where to save)")
     if ck.load is not None and not os.path.exists(ck.load):
         p.append(f"checkpoint.load={ck.load} does not exist")
+
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def _validate_lora(cfg: Config, p: _Checks) -> None:
+    lo = cfg.lora
+    p.at_least("lora.rank", lo.rank, 0, " (0 = full fine-tuning)")
+    if lo.rank <= 0:
+        if lo.quantize:
+            p.append("lora.quantize=true (QLoRA) needs LoRA adapters: set lora.rank (e.g. 64)")
+        return
+    if lo.alpha is not None and not lo.alpha > 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0 (or null for 2 x rank)")
+    p.in_range("lora.dropout", lo.dropout, 0, 1)
+    bad = [x for x in lo.targets if x not in LORA_TARGETS]
+    if bad or not lo.targets:
+        p.append(f"lora.targets={lo.targets} must be a non-empty list of {', '.join(LORA_TARGETS)}")
+    if not cfg.model.train_llm:
+        p.append("lora.rank > 0 adapts the LLM, but model.train_llm=false (stage 1 trains the projector only): "
+                 "set lora.rank=0 for stage 1")
 
 
 def _validate_kernels(cfg: Config, p: _Checks) -> None:

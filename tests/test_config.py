@@ -124,7 +124,7 @@ def test_round_trip(tmp_path):
     assert load_config(path) == cfg
     assert to_dict(cfg)["model"]["vision"]["image_size"] == 224
     assert list(yaml.safe_load(open(path))) == ["model", "parallel", "train", "data", "checkpoint",
-                                                  "kernels"]  # not sorted
+                                                  "kernels", "lora"]  # not sorted
 
 
 # ------------------------------------------------------------------------------------------------- validation

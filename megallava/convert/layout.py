@@ -25,7 +25,8 @@ def canonical_name(local_name: str, layer_offset: int) -> str:
 
 
 def is_gated_fc1(name: str) -> bool:
-    return name.startswith("decoder.") and name.endswith("mlp.linear_fc1.weight")
+    """The LLM's fc1 weight and its LoRA B hold [gate; up] rows."""
+    return name.startswith("decoder.") and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.lora_b"))
 
 
 def is_tensor_parallel(param) -> bool:

@@ -12,8 +12,11 @@ def _draw(name: str, shape, std: float, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
     if name.endswith("layernorm.weight") or name.endswith("final_layernorm.weight"):
         return torch.ones(shape)
-    if name.endswith(".bias"):
+    if name.endswith(".bias") or name.endswith(".lora_b"):  # LoRA: B = 0, so the adapted model starts as the base
         return torch.zeros(shape)
+    if name.endswith(".lora_a"):  # PEFT's kaiming_uniform(a=sqrt(5)) per adapter: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / shape[1] ** 0.5
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
     return torch.randn(shape, generator=gen) * std
 
 

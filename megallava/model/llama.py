@@ -89,8 +89,9 @@ def llm_norm(fused_rmsnorm: bool) -> ModuleSpec:
     return ModuleSpec(module=RMSNorm, params={"fused": fused_rmsnorm})
 
 
-def llm_layer_spec(fused_rmsnorm: bool = False) -> ModuleSpec:
-    return transformer_layer_spec(llm_norm(fused_rmsnorm), AttnMaskType.causal)
+def llm_layer_spec(fused_rmsnorm: bool = False, lora=None) -> ModuleSpec:
+    """``lora``: the config's lora section when LoRA is on (lora.rank > 0), else None."""
+    return transformer_layer_spec(llm_norm(fused_rmsnorm), AttnMaskType.causal, lora)
 
 
 def rotary_freqs(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:

@@ -26,8 +26,9 @@ def _no_init(_):
 
 class LLaVAChunk(MegatronModule):
     def __init__(self, model_cfg, config: TransformerConfig, pre_process: bool, post_process: bool,
-                 vp_stage: Optional[int] = None, kernels=None):
-        """``kernels``: the config's kernels section (null switches = on with CUDA)."""
+                 vp_stage: Optional[int] = None, kernels=None, lora=None):
+        """``kernels``: the config's kernels section (null switches = on with CUDA); ``lora``: the lora section when
+        LoRA is on (megallava.model.lora), else None."""
         super().__init__(config=config)
         self.model_cfg = model_cfg
         self.kernels = fused.resolve(kernels if kernels is not None else KernelsConfig())
@@ -51,7 +52,8 @@ class LLaVAChunk(MegatronModule):
         self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         norm = self.kernels.fused_rmsnorm
         self.decoder = TransformerBlock(
-            config, TransformerBlockSubmodules(layer_specs=[llm_layer_spec(norm)] * num_layers, layer_norm=llm_norm(norm)),
+            config, TransformerBlockSubmodules(layer_specs=[llm_layer_spec(norm, lora)] * num_layers,
+                                               layer_norm=llm_norm(norm)),
             pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
         if post_process:

@@ -27,9 +27,24 @@ COMMON_CONFIG = dict(
 )
 
 
-def transformer_layer_spec(norm, attn_mask_type: AttnMaskType) -> ModuleSpec:
+def _linear(name: str, base, lora):
+    """``base`` (megatron's column/row-parallel linear), or its LoRA version when ``lora`` targets ``name``."""
+    if lora is None or name not in lora.targets:
+        return base
+    from megallava.model.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+
+    params = {"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+              "quantize": lora.quantize}
+    if base is ColumnParallelLinear:
+        kind = {"linear_qkv": "qkv", "linear_fc1": "gated"}[name]
+        return ModuleSpec(module=LoRAColumnParallelLinear, params={**params, "kind": kind})
+    return ModuleSpec(module=LoRARowParallelLinear, params=params)
+
+
+def transformer_layer_spec(norm, attn_mask_type: AttnMaskType, lora=None) -> ModuleSpec:
     """Pre-norm layer: norm -> self-attention (fused QKV, SDPA) -> residual -> norm -> MLP -> residual. ``norm`` is
-    a module class or a ModuleSpec carrying its params (e.g. RMSNorm's ``fused``)."""
+    a module class or a ModuleSpec carrying its params (e.g. RMSNorm's ``fused``); ``lora`` (the config's lora
+    section, or None) swaps the targeted linears for their LoRA versions (megallava.model.lora)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -38,13 +53,15 @@ def transformer_layer_spec(norm, attn_mask_type: AttnMaskType) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention,
-                    linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+                    linear_qkv=_linear("linear_qkv", ColumnParallelLinear, lora), core_attention=SDPACoreAttention,
+                    linear_proj=_linear("linear_proj", RowParallelLinear, lora), q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=_linear("linear_fc1", ColumnParallelLinear, lora),
+                linear_fc2=_linear("linear_fc2", RowParallelLinear, lora))),
             mlp_bda=get_bias_dropout_add,
         ),
     )
