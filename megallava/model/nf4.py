@@ -106,9 +106,33 @@ def dequantize_absmax(t: NF4Tensor) -> torch.Tensor:
     return (padded * t.absmax2[:, None]).reshape(-1)[:n] + t.offset
 
 
+def bnb_quant_state(t: NF4Tensor):
+    """The same quantised weight as a bitsandbytes QuantState (for its fused dequantisation kernel)."""
+    from bitsandbytes.functional import QuantState
+
+    state2 = QuantState(absmax=t.absmax2, code=dynamic_map().to(t.absmax2.device), blocksize=BLOCK2,
+                        dtype=torch.float32)
+    return QuantState(absmax=t.absmax_codes, shape=t.shape, code=_levels(t.packed.device), blocksize=BLOCK,
+                      quant_type="nf4", dtype=t.dtype, offset=t.offset, state2=state2)
+
+
+@lru_cache(maxsize=None)
+def _bnb_available() -> bool:
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or present without a usable native library
+        return False
+    return True
+
+
 def dequantize(t: NF4Tensor, dtype: torch.dtype = None) -> torch.Tensor:
     """NF4Tensor -> dense tensor of its original shape, in ``dtype`` (default: the original dtype). The scaling is
-    done in fp32, as bitsandbytes does, then cast once."""
+    done in fp32, as bitsandbytes does, then cast once. On CUDA with bitsandbytes installed, its fused kernel does
+    the same computation (its dequantised values equal these: tests/test_lora.py)."""
+    if t.packed.is_cuda and _bnb_available():
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(t.packed.view(-1, 1), bnb_quant_state(t)).to(dtype or t.dtype)
     n = t.shape.numel()
     q = torch.stack([t.packed >> 4, t.packed & 0xF], dim=1).reshape(-1)[:n].long()
     values = _levels(t.packed.device)[q]
