@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh --tiny     # the same groups on the tiny shape on CPU: checks the script only
 #
 # Groups: headline (megallava fused and unfused vs HF's two precision policies), profile (where the GPU time goes),
-# memory (bf16 states, recompute), packed (packing's per-token cost), ablation (one fused kernel off at a time),
+# memory (bf16 states, recompute), packed (packing's per-token cost), lora (LoRA-64 / QLoRA-64 vs full FT and HF
+# + PEFT), ablation (one fused kernel off at a time),
 # smoke (the real trainer CLI on the GPU with a checkpoint resume).
 set -uo pipefail
 TINY=""; [ "${1:-}" = "--tiny" ] && TINY="--tiny"
@@ -27,7 +28,7 @@ cat "$OUT/env.txt"
 
 group() {  # group NAME LIMIT_S ARGS...
   local name=$1 limit=$2; shift 2
-  [[ " ${ONLY:-headline profile memory packed ablation smoke} " == *" $name "* ]] || return 0
+  [[ " ${ONLY:-headline profile memory packed lora ablation smoke} " == *" $name "* ]] || return 0
   if (( SECONDS + limit > DEADLINE )); then
     echo "== $name: skipped (${SECONDS}s used, limit ${limit}s, deadline ${DEADLINE}s)" | tee -a "$OUT/summary.txt"
     return
@@ -47,6 +48,7 @@ group profile 80 $B --profile --warmup 2 --iters 3 --systems ${PROFILED:-megalla
 group memory 70 $B --systems megallava-bf16-states,megallava-bf16-states-recompute,megallava-recompute \
   --out "$OUT/memory.json"
 group packed 80 $B --systems megallava-packed,megallava-halves --out "$OUT/packed.json"
+group lora 90 $B --systems megallava-lora64,megallava-qlora64,hf-peft-lora64,megallava --out "$OUT/lora.json"
 group ablation 90 $B --systems megallava-no-rmsnorm,megallava-no-swiglu,megallava-no-rope,megallava-no-ce,megallava-no-adam \
   --out "$OUT/ablation.json"
 

@@ -60,10 +60,15 @@ PRESETS = {  # megallava systems: config overrides on top of --set
     "megallava-bf16-states-recompute": BF16_STATES + ["train.recompute=full"],
     "megallava-packed": [],
     "megallava-halves": [],
+    # the paper's cheap path: LoRA-64 (alpha 128) on every LLM linear, projector trained; QLoRA = NF4 bases
+    "megallava-lora64": ["lora.rank=64"],
+    "megallava-qlora64": ["lora.rank=64", "lora.quantize=true"],
 }
 HF_POLICIES = {
     "pure-bf16": "bf16 params, grads and AdamW states",
     "bf16-master": "fp32 params, grads and AdamW states + torch.autocast(bf16) (HF Trainer's bf16=True)",
+    "peft-lora64": "bf16 params; PEFT LoRA r64 alpha 128 on every LLM linear (q,k,v,o,gate,up,down), projector "
+                   "trained (modules_to_save); AdamW states for the trained params only",
 }
 
 
@@ -296,7 +301,11 @@ def run_megallava(args, cfg, batch, profile: bool):
         build.init_weights = device_init
     model = optimizer = scheduler = iterators = None
     try:
-        model = wrap_ddp(build.build_chunks(cfg), cfg)
+        chunks = build.build_chunks(cfg)
+        model = wrap_ddp(chunks, cfg)
+        if cfg.lora.quantize:  # QLoRA: the trainer quantises the bases once their weights are in
+            from megallava.model.lora import quantize_bases
+            quantize_bases(chunks)
         optimizer, scheduler = build_optimizer(model, cfg)
         rows, s = batch["tokens"].shape
         iterators = [itertools.repeat(batch)]
@@ -355,8 +364,15 @@ def hf_model(args, device, dtype):
 def run_hf(args, data, policy: str, profile: bool):
     device = data["ids"].device
     autocast = policy == "bf16-master"
-    dtype = torch.bfloat16 if policy == "pure-bf16" else torch.float32
+    dtype = torch.float32 if policy in ("bf16-master", "fp32") else torch.bfloat16
     model = hf_model(args, device, dtype)
+    if policy == "peft-lora64":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(
+            r=64, lora_alpha=128, lora_dropout=0.0, modules_to_save=["multi_modal_projector"],
+            target_modules=r".*language_model.*\.(" + "|".join(targets) + ")"))
     try:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
