@@ -175,7 +175,31 @@ def _chunk_mask(tokenizer: Tokenizer, text: str, spans: List[Tuple[int, int]]) -
 
 def encode_conversation(conversations: List[Dict], template: str, tokenizer: Tokenizer, image_token_id: int,
                         image_tokens: int, num_images: int) -> Encoded:
-    segs = _segments(conversations, template)
+    encoded = _encode(_segments(conversations, template), tokenizer, image_token_id, image_tokens, num_images)
+    if not any(encoded.trained):
+        raise TemplateError("no_trained_tokens", f"no token is trained ({len(encoded.tokens)} tokens; every "
+                            "assistant answer is empty)")
+    return encoded
+
+
+def prompt_segments(conversations: List[Dict], template: str) -> List[Segment]:
+    """The segments of a generation prompt: the conversation (ending with a user turn) followed by the opening of
+    the assistant's answer, exactly as training renders it up to the first token of the answer ("ASSISTANT:" for
+    vicuna_v1, "[/INST]" for llama_2, the images for plain)."""
+    segs = _segments(list(conversations) + [{"from": "gpt", "value": ""}], template)
+    return segs[:-1] if template == "plain" else segs[:-2]  # drop the empty answer (and its end marker)
+
+
+def encode_prompt(conversations: List[Dict], template: str, tokenizer: Tokenizer, image_token_id: int,
+                  image_tokens: int, num_images: int) -> List[int]:
+    """Token ids of a generation prompt (``prompt_segments``), with the same tokenization, BOS and image expansion
+    as training: the model continues where it learned an answer starts."""
+    return _encode(prompt_segments(conversations, template), tokenizer, image_token_id, image_tokens,
+                   num_images).tokens
+
+
+def _encode(segs: List[Segment], tokenizer: Tokenizer, image_token_id: int, image_tokens: int,
+            num_images: int) -> Encoded:
     tags = sum(text.count(IMAGE_PLACEHOLDER) for kind, text, _ in segs if kind in ("text", "image"))
     if tags != num_images:
         raise TemplateError("image_count", f"the conversation has {tags} {IMAGE_PLACEHOLDER} tag(s) but the sample "
@@ -225,7 +249,4 @@ def encode_conversation(conversations: List[Dict], template: str, tokenizer: Tok
             tokens.append(tokenizer.eos_id)
             trained.append(train)
     flush()
-    if not any(trained):
-        raise TemplateError("no_trained_tokens", f"no token is trained ({len(tokens)} tokens; every assistant "
-                            "answer is empty)")
     return Encoded(tokens=tokens, trained=trained, num_images=num_images)

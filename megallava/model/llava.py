@@ -134,6 +134,24 @@ class LLaVAChunk(MegatronModule):
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
         return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
 
+    # --- generation ------------------------------------------------------------------------------------------
+    def forward_inference(self, tokens: Optional[torch.Tensor], images: Optional[torch.Tensor], rope: torch.Tensor,
+                          attention_mask: torch.Tensor, context) -> torch.Tensor:
+        """One generation step over megatron's KV cache (``context``: a StaticInferenceContext whose
+        ``sequence_len_offset`` is the number of positions already cached). tokens [b, s_step] on the first chunk
+        (later chunks take the previous stage's hidden states through ``set_input_tensor``); rope [S, b, 1, d] the
+        angles of positions 0 .. offset + s_step - 1 (megatron slices the new ones); attention_mask [b, 1, s_step,
+        offset + s_step] (True = masked out: padding keys, and the future during the prompt).
+        Returns the last position's logits over the real vocab [b, V] in fp32 on the last chunk (gathered over TP:
+        every TP rank holds them), hidden states [s_step, b, h] elsewhere. No sequence parallelism."""
+        hidden = self.embed(tokens, images) if self.pre_process else None
+        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope,
+                              inference_context=context)
+        if not self.post_process:
+            return hidden
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(self.vocab_parallel_logits(hidden[-1:]))
+        return logits[0, :, :self.vocab_size].float()
+
     def _output_layer_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """What ColumnParallelLinear does to its input before the GEMM, for the fused cross-entropy that uses the
         output layer's weight directly: gather the sequence (SP; reduce-scatter of the grad) or enter the TP region
