@@ -57,13 +57,13 @@ class Request:
 class Generator:
     """A loaded model chunk (this rank's pipeline stage) plus what turns requests into its inputs."""
 
-    def __init__(self, cfg, chunk, tokenizer, template: str):
+    def __init__(self, cfg, chunks, tokenizer, template: str):
         from megallava import config as C
 
-        self.cfg, self.chunk, self.tokenizer, self.template = cfg, chunk, tokenizer, template
+        self.cfg, self.chunks, self.chunk, self.tokenizer, self.template = cfg, chunks, chunks[0], tokenizer, template
         self.image_tokens = C.image_tokens_per_image(cfg)
-        self.device = next(chunk.parameters()).device
-        self.dtype = next(chunk.decoder.parameters()).dtype
+        self.device = next(self.chunk.parameters()).device
+        self.dtype = next(self.chunk.decoder.parameters()).dtype
         if tokenizer.eos_id is None:
             raise ValueError("the tokenizer has no EOS id: generation could not stop")
 
@@ -240,7 +240,7 @@ def load(checkpoint: str, tp: int = 1, pp: int = 1, config: Optional[str] = None
     for c in chunks:
         c.eval()
     template = template or (cfg.data.sources[0].template if cfg.data.sources else "vicuna_v1")
-    return Generator(cfg, chunks[0], load_tokenizer(tok_path), template)
+    return Generator(cfg, chunks, load_tokenizer(tok_path), template)
 
 
 # ------------------------------------------------------------------------------------------------ files

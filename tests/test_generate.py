@@ -98,3 +98,57 @@ def test_answer_file_has_llavas_fields(tmp_path):
     assert list(rec) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
     assert rec["prompt"] == "What?" and rec["text"] == "An answer." and isinstance(rec["answer_id"], str)
     assert Request(text="Hi", images=["x.png"]).turns() == [{"from": "human", "value": "<image>\nHi"}]
+
+
+QUESTIONS = [
+    {"subject": "astronomy", "question": "Which is a planet?", "choices": ["Mars", "Sirius", "Vega", "Rigel"],
+     "answer": "A"},
+    {"subject": "astronomy", "question": "What orbits the Earth?", "choices": ["The Sun", "The Moon"], "answer": 1},
+    {"subject": "cooking", "question": "What do you boil pasta in?", "choices": ["water", "sand", "air"],
+     "answer": "A"},
+]
+DEV = [{"subject": "astronomy", "question": "Is the Sun a star?", "choices": ["yes", "no"], "answer": 0}]
+
+
+def _mc(world, tp, pp, checkpoint, score):
+    def fn(rank, env):
+        from megallava.evaluate import continuation_rows, evaluate_multiple_choice, mmlu_prompt
+        from megallava.generate import load
+
+        model = load(str(checkpoint), tp, pp, env=env)
+        res = evaluate_multiple_choice(model.chunks, model.tokenizer, QUESTIONS, DEV, shots=1, score=score,
+                                       micro_batch_size=3)
+        if tp == pp == 1:  # an independent computation: the model's logits, log-softmax, summed by hand
+            chunk, manual = model.chunk, []
+            for q in QUESTIONS:
+                conts = [f" {x}" for x in ("ABCD"[:len(q["choices"])] if score == "letter" else q["choices"])]
+                s = []
+                for ids, n in continuation_rows(model.tokenizer, mmlu_prompt(q, [d for d in DEV if
+                                                                                 d["subject"] == q["subject"]]),
+                                                conts):
+                    with torch.no_grad():
+                        logp = torch.log_softmax(chunk(tokens=torch.tensor([ids]))[0].double(), -1)
+                    ll = sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids)))
+                    s.append(ll / n if score == "text" else ll)
+                manual.append(s)
+            res["manual"] = manual
+        return res
+
+    return run_ranks(world, fn)[0]
+
+
+@pytest.mark.parametrize("score", ["letter", "text"])
+def test_multiple_choice_likelihoods(demo_checkpoint, score):
+    ref = _mc(1, 1, 1, demo_checkpoint, score)
+    for got, manual in zip(ref["questions"], ref["manual"]):
+        torch.testing.assert_close(torch.tensor(got["scores"], dtype=torch.float64),
+                                   torch.tensor(manual, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    # accuracy is exactly the share of questions whose key matches the model's best choice
+    preds = [max(range(len(m)), key=m.__getitem__) for m in ref["manual"]]
+    keys = [0, 1, 0]
+    assert ref["accuracy"] == pytest.approx(sum(p == k for p, k in zip(preds, keys)) / 3)
+    assert set(ref["per_subject"]) == {"astronomy", "cooking"}
+    tp2pp2 = _mc(4, 2, 2, demo_checkpoint, score)
+    for a, b in zip(tp2pp2["questions"], ref["questions"]):
+        torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-5)
+    assert tp2pp2["accuracy"] == ref["accuracy"]
