@@ -132,7 +132,7 @@ def main():
           f"(largest fused tensor {largest / 2 ** 20:.0f} MiB), written in {time.perf_counter() - t0:.1f} s", flush=True)
     results = {
         "hf-to-megatron": run(["hf-to-megatron", "--input", hf, "--output", meg, "--quiet"]),
-        "megatron-to-hf": run(["megatron-to-hf", "--input", meg, "--output", back, "--quiet",
+        "megatron-to-hf": run(["megatron-to-hf", "--weights-only", "--input", meg, "--output", back, "--quiet",
                                "--max-shard-size", args.max_shard_size]),
     }
     print(f"{'direction':16s} {'time s':>8s} {'GiB/s':>7s} {'RSS before MiB':>15s} {'peak RSS MiB':>13s} "

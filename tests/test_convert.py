@@ -42,11 +42,25 @@ def vision_config():
                             image_size=IMAGE, patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
-def write_tokenizer(d):
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 128, "bos_token": "<s>"}, f)
-    with open(os.path.join(d, "special_tokens_map.json"), "w") as f:
-        json.dump({"bos_token": "<s>"}, f)
+def make_hub_tokenizer(d, vocab=VOCAB):
+    """A llava-hf-like HF tokenizer directory: a LLaMA-like sentencepiece BPE of ``vocab - 1`` pieces (trained on
+    the demo text) as a transformers fast tokenizer, plus ``<image>`` at id ``vocab - 1`` (added by
+    megallava.data.tokenizer.add_image_token, as llava-hf does)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    from megallava.data.demo_data import demo_samples, tokenizer_texts
+    from megallava.data.tokenizer import add_image_token, train_sentencepiece
+
+    sp_dir = os.path.join(str(d) + "_sp")
+    train_sentencepiece(tokenizer_texts(demo_samples()), os.path.join(sp_dir, "tokenizer"), vocab - 1)
+    TokenizersBackend.from_pretrained(sp_dir, legacy=True).save_pretrained(sp_dir + "_hf")
+    out = add_image_token(sp_dir + "_hf", str(d))
+    assert (out["vocab_size"], out["image_token_id"]) == (vocab, vocab - 1), out
+    return str(d)
+
+
+def write_tokenizer(d, hub_tok):
+    for name in os.listdir(hub_tok):
+        shutil.copy(os.path.join(hub_tok, name), os.path.join(d, name))
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +69,21 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_llava(work):
-    """A llava-hf directory written by transformers' save_pretrained (sharded: index + several files)."""
+def hub_tok(work):
+    return make_hub_tokenizer(work / "hub_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def hf_llava(work, hub_tok):
+    """A llava-hf directory written by transformers' save_pretrained (sharded: index + several files), with a hub
+    tokenizer and, like llava-1.5-7b-hf, a top-level pad_token_id and vision_feature_layer -2."""
     cfg = LlavaConfig(vision_config=vision_config(), text_config=text_config(), image_token_index=IMAGE_TOKEN,
                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
     model = randomise_hf(LlavaForConditionalGeneration(cfg).float().eval())
     d = str(work / "llava_hf")
     model.save_pretrained(d, max_shard_size="100KB")
-    write_tokenizer(d)
+    _edit_config(d, pad_token_id=0)
+    write_tokenizer(d, hub_tok)
     return d
 
 
@@ -74,7 +95,7 @@ def converted(work, hf_llava):
 
 
 @pytest.fixture(scope="module")
-def parts(work, hf_llava):
+def parts(work, hf_llava, hub_tok):
     """The same weights as a CLIP directory, a LLaMA directory and original-LLaVA checkpoints."""
     model = LlavaForConditionalGeneration.from_pretrained(hf_llava, dtype=torch.float32)
     vision = str(work / "clip")
@@ -86,7 +107,7 @@ def parts(work, hf_llava):
     llm.model.load_state_dict(model.model.language_model.state_dict())
     llm.lm_head.load_state_dict(model.lm_head.state_dict())
     llm.save_pretrained(llama_dir)
-    write_tokenizer(llama_dir)
+    write_tokenizer(llama_dir, hub_tok)
     proj = model.model.multi_modal_projector
     projector = {"model.mm_projector.0.weight": proj.linear_1.weight, "model.mm_projector.0.bias": proj.linear_1.bias,
                  "model.mm_projector.2.weight": proj.linear_2.weight, "model.mm_projector.2.bias": proj.linear_2.bias}
@@ -112,7 +133,7 @@ def parts(work, hf_llava):
                    mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_hidden_size=32)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(cfg, f)
-        write_tokenizer(d)
+        write_tokenizer(d, hub_tok)
         out[kind] = d
     return out
 
@@ -147,7 +168,14 @@ def test_output_layout_and_dcp_metadata(converted):
     common = torch.load(os.path.join(it, "common.pt"), weights_only=False)
     assert common["weights_only"] is True and common["iteration"] == 0
     assert sorted(os.listdir(os.path.join(converted, "tokenizer"))) == [
-        "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"]
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    # hf_extra/: the input tensors megallava does not build (ViT layer 2 of 3, post_layernorm) and its config
+    extra = json.load(open(os.path.join(converted, "hf_extra", "extra.json")))
+    assert extra["flavour"] == "llava-hf" and len(extra["tensors"]) == 16 + 2
+    assert all(t.startswith(("vit.encoder.layers.2.", "vit.post_layernorm.")) for t in extra["tensors"])
+    assert json.load(open(os.path.join(converted, "hf_extra", "config.json"))) == \
+        json.load(open(os.path.join(converted, "..", "llava_hf", "config.json")))
+    assert common["hf_source"] == os.path.abspath(converted)
     model = C.load_config(os.path.join(converted, "megallava_model.yaml")).model
     assert (model.num_layers, model.num_query_groups, model.vocab_size, model.image_token_id) == (4, 2, VOCAB,
                                                                                                   IMAGE_TOKEN)
@@ -196,23 +224,39 @@ def trainer_saved(work, converted):
     return out
 
 
+def _same_tensors(a_dir, b_dir):
+    a, b = shorts(a_dir), shorts(b_dir)
+    assert set(a) == set(b), (set(a) ^ set(b))
+    for s in a:
+        assert a[s].dtype == b[s].dtype and torch.equal(a[s], b[s]), s
+    return len(a)
+
+
+def test_hub_round_trip_gives_back_every_tensor_and_config_field(work, hf_llava, converted):
+    """HF -> megallava -> HF of an unmodified conversion: every tensor (ViT layer 2, which megallava does not build,
+    and post_layernorm included) bitwise, config.json field for field (vision_feature_layer -2, num_hidden_layers,
+    top-level pad_token_id), and the input's tokenizer files verbatim."""
+    out = str(work / "hub_back")
+    r = megatron_to_hf(converted, out, log=QUIET)
+    assert r["full_tower"] and r["verbatim"] and r["source"] == os.path.abspath(converted)
+    assert _same_tensors(hf_llava, out) == len(TensorFiles.from_dir(hf_llava).names())
+    a, b = (json.load(open(os.path.join(d, "config.json"))) for d in (hf_llava, out))
+    assert a == b and b["vision_feature_layer"] == -2 and b["pad_token_id"] == 0
+    assert b["vision_config"]["num_hidden_layers"] == 3
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert open(os.path.join(hf_llava, name), "rb").read() == open(os.path.join(out, name), "rb").read()
+    _, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
 def test_round_trip_via_trainer_is_bitwise(work, hf_llava, converted, trainer_saved):
     out = str(work / "hf_back")
-    # The model config, HF source config and tokenizer are found next to --config (the converted root).
-    megatron_to_hf(trainer_saved, out, config=os.path.join(converted, "megallava_model.yaml"),
-                   max_shard_size="60KB", log=QUIET)
+    # The model config, the conversion's hf_extra/ and tokenizer are found next to --config (the converted root).
+    r = megatron_to_hf(trainer_saved, out, config=os.path.join(converted, "megallava_model.yaml"),
+                       max_shard_size="60KB", log=QUIET)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))  # sharded by --max-shard-size
-    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
-    orig, back = shorts(hf_llava), shorts(out)
-    # Only what megallava never builds is gone: the top ViT layer; post_layernorm is an identity placeholder.
-    assert set(orig) - set(back) == {s for s in orig if s.startswith("vit.encoder.layers.2.")}
-    assert set(back) <= set(orig)
-    for s in back:
-        if s.startswith("vit.post_layernorm."):
-            assert torch.equal(back[s], torch.ones_like(back[s]) if s.endswith("weight") else
-                               torch.zeros_like(back[s]))
-        else:
-            assert back[s].dtype == orig[s].dtype and torch.equal(back[s], orig[s]), s
+    assert r["full_tower"] and not r["verbatim"] and r["parity"] is None and r["template"] == "vicuna_v1"
+    _same_tensors(hf_llava, out)  # the trainer's iteration-7 save of unchanged weights: all tensors come back
     model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     a, b = LlavaConfig.from_pretrained(hf_llava), model.config
@@ -221,15 +265,36 @@ def test_round_trip_via_trainer_is_bitwise(work, hf_llava, converted, trainer_sa
                 "eos_token_id", "tie_word_embeddings", "hidden_act"):
         assert getattr(a.text_config, key) == getattr(b.text_config, key), key
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size",
-                "layer_norm_eps", "hidden_act", "num_channels"):
+                "layer_norm_eps", "hidden_act", "num_channels", "num_hidden_layers"):
         assert getattr(a.vision_config, key) == getattr(b.vision_config, key), key
-    assert (b.vision_config.num_hidden_layers, b.vision_feature_layer) == (2, -1)  # truncated tower, its last layer
-    assert (a.image_token_id, a.projector_hidden_act, a.vision_feature_select_strategy) == \
-           (b.image_token_id, b.projector_hidden_act, b.vision_feature_select_strategy)
+    assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(hf_llava, "config.json")))
+    # a trained checkpoint gets megallava's processor / chat template (the trainer's), not the hub's files
+    assert os.path.isfile(os.path.join(out, "processor_config.json"))
+    assert json.load(open(os.path.join(out, "tokenizer_config.json")))["add_bos_token"] is True
     # ... and the exported model computes what the original computes.
     r = verify(out, trainer_saved, config=os.path.join(converted, "megallava_model.yaml"), tolerance=1e-4,
                log=QUIET)
     assert r["ok"]
+
+
+def test_export_without_the_conversion_describes_the_truncated_tower(work, converted, trainer_saved, hub_tok):
+    """No hf_extra/ to be found: the export holds the built ViT layers only, reads features from its last layer
+    and writes post_layernorm as the identity; it computes the same logits."""
+    cfg_dir = work / "elsewhere"
+    cfg_dir.mkdir()
+    yaml_path = str(cfg_dir / "model.yaml")
+    shutil.copy(os.path.join(converted, "megallava_model.yaml"), yaml_path)
+    ckpt = _copy(os.path.join(trainer_saved, "iter_0000007"), cfg_dir / "iter_0000007")
+    out = str(work / "hf_truncated")
+    r = megatron_to_hf(ckpt, out, config=yaml_path, tokenizer=hub_tok, log=QUIET)
+    assert r["source"] is None and not r["full_tower"]
+    back = shorts(out)
+    assert not any(s.startswith("vit.encoder.layers.2.") for s in back)
+    assert torch.equal(back["vit.post_layernorm.weight"], torch.ones(32))
+    assert torch.equal(back["vit.post_layernorm.bias"], torch.zeros(32))
+    cfg = LlavaConfig.from_pretrained(out)
+    assert (cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer) == (2, -1)
+    assert verify(out, ckpt, config=yaml_path, tolerance=1e-4, log=QUIET)["ok"]
 
 
 def test_trainer_checkpoint_reshards(converted, trainer_saved):
@@ -267,10 +332,18 @@ def test_original_llava_and_llama_clip_inputs(work, parts, hf_llava, converted):
     megatron_to_hf(lin, exported, log=lines.append)
     assert any("original-LLaVA layout" in line for line in lines)
     cfg = json.load(open(os.path.join(exported, "config.json")))
+    # the whole CLIP tower comes back from hf_extra/ (bf16 like the rest), with the input's select layer
     assert (cfg["mm_projector_type"], cfg["mm_vision_tower"], cfg["mm_vision_select_layer"]) == \
-           ("linear", "vision_tower", -1)
-    _, info = CLIPVisionModel.from_pretrained(os.path.join(exported, "vision_tower"), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+           ("linear", "vision_tower", -2)
+    vit, info = CLIPVisionModel.from_pretrained(os.path.join(exported, "vision_tower"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and vit.config.num_hidden_layers == 3
+    clip = TensorFiles.from_dir(parts["vision"])
+    tower = TensorFiles.from_dir(os.path.join(exported, "vision_tower"))
+    plain = lambda n: n[len("vision_model."):] if n.startswith("vision_model.") else n  # noqa: E731 (4.x / 5.x)
+    ours = {plain(n): n for n in tower.names()}
+    assert sorted(ours) == sorted(map(plain, clip.names()))
+    for n in clip.names():
+        assert torch.equal(tower.get(ours[plain(n)]), clip.get(n).to(torch.bfloat16)), n
     again = str(work / "linear_again")
     hf_to_megatron(exported, again, log=QUIET)  # mm_vision_tower resolves to the exported vision_tower/
     x, y = dcp.CheckpointReader(lin), dcp.CheckpointReader(again)
@@ -435,7 +508,7 @@ def _peak_rss(commands):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS accounting")
-def test_peak_memory_is_a_few_tensors(work, hf_llava):
+def test_peak_memory_is_a_few_tensors(work, hf_llava, hub_tok):
     from safetensors.torch import save_file
 
     h, ffn, layers, vocab = 1024, 2816, 12, 4000
@@ -470,6 +543,7 @@ def test_peak_memory_is_a_few_tensors(work, hf_llava):
              p + "mlp.down_proj.weight": rnd(h, ffn)}, f"model-layer{i}.safetensors")
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
               open(os.path.join(big, "model.safetensors.index.json"), "w"))
+    write_tokenizer(big, hub_tok)
     largest = 2 * ffn * h * 2 / 2 ** 20  # the biggest chunk written: fused [gate; up], bf16 (11 MiB)
     # The tiny model first, in the same process: one-off costs (lazy imports, first-use allocations) land in the
     # baseline, so what the big model adds is the conversion's own working set.

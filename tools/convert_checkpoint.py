@@ -1,8 +1,11 @@
 """Convert checkpoints between HF and megallava, and check logit parity (library: megallava/convert/).
 
     python tools/convert_checkpoint.py hf-to-megatron --input HF_DIR --output CKPT [--vision CLIP_DIR] [--dtype bf16]
-    python tools/convert_checkpoint.py megatron-to-hf --input CKPT --output HF_DIR [--config model.yaml]
-    python tools/convert_checkpoint.py verify --hf HF_DIR --megatron CKPT [--tp 2 --pp 2]
+    python tools/convert_checkpoint.py megatron-to-hf --input CKPT --output HF_DIR [--config RUN/config.yaml]
+        [--tokenizer TOK] [--template vicuna_v1|llama_2|plain] [--image-mode pad|resize] [--source CONVERTED_ROOT]
+        [--weights-only]
+    python tools/convert_checkpoint.py verify --hf HF_DIR --megatron CKPT [--tp 2 --pp 2] [--pipeline-layers 2,3]
+        [--vpp 2] [--dtype fp32|bf16] [--trainer-loader]
 
 See docs/convert.md.
 """

@@ -27,11 +27,24 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("megatron-to-hf", help="megallava checkpoint -> HF directory")
     m.add_argument("--input", required=True, help="checkpoint root (with latest) or one iter_N directory")
     m.add_argument("--output", required=True)
-    m.add_argument("--config", help="megallava config with the model section (default: INPUT/megallava_model.yaml)")
-    m.add_argument("--tokenizer", help="directory of tokenizer files to include (default: INPUT/tokenizer)")
+    m.add_argument("--config", help="megallava config with the model section (default: INPUT/megallava_model.yaml); "
+                                    "a run's config.yaml also gives the template, image mode and checkpoint.load")
+    m.add_argument("--tokenizer", help="the tokenizer the model was trained with (data.tokenizer: a sentencepiece "
+                                       ".model or an HF tokenizer directory); default: the checkpoint's "
+                                       "iter_N/tokenizer/, else the converted root's tokenizer/")
+    m.add_argument("--template", choices=("vicuna_v1", "llama_2", "plain"),
+                   help="chat template to write (default: the run config's data.sources template, else vicuna_v1)")
+    m.add_argument("--image-mode", choices=("pad", "resize"),
+                   help="image preprocessing to write (default: the run config's data.image_mode, else pad)")
+    m.add_argument("--source", help="the hf-to-megatron output this checkpoint descends from (its hf_extra/ gives "
+                                    "back the ViT layers / config fields megallava does not build); default: "
+                                    "found from the checkpoint's hf_source, its root, --config or checkpoint.load")
     m.add_argument("--format", default="auto", choices=("auto", "llava-hf", "llava"),
                    help="llava-hf (LlavaForConditionalGeneration) or llava (original LLaVA layout); auto picks "
                         "llava-hf unless the projector is linear or the image token is not a vocab id")
+    m.add_argument("--weights-only", action="store_true",
+                   help="write weights and config only: no tokenizer, processor or chat template (benchmarks, or "
+                        "when you add them yourself)")
     m.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights (default: keep the stored)")
     m.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     m.add_argument("--overwrite", action="store_true")
@@ -45,9 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--projector", help="mm_projector.bin, for LLaMA inputs")
     v.add_argument("--tp", type=int, default=1, help="tensor parallel size of the megallava run (forked ranks)")
     v.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the megallava run")
-    v.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| and |loss diff| allowed")
+    v.add_argument("--vpp", type=int, help="virtual pipeline chunks per pipeline rank (interleaved schedule)")
+    v.add_argument("--pipeline-layers", type=_int_list,
+                   help="LLM layers per (virtual) pipeline stage, e.g. 2,3 (parallel.pipeline_layers)")
+    v.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="precision of both forwards (bf16 halves the memory; default tolerance then 0.1)")
+    v.add_argument("--tolerance", type=float,
+                   help="max |logit diff| and |loss diff| allowed (default 1e-3 in fp32, 0.1 in bf16)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random tokens and pixels")
+    v.add_argument("--trainer-loader", action="store_true",
+                   help="load the megallava side with the trainer's checkpoint.load (the resume path) instead of "
+                        "streaming (tensor, layer) chunks; needs more memory")
     return p
+
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer counts, e.g. 2,3") from None
 
 
 def _quiet_libraries() -> None:
@@ -82,13 +111,15 @@ def main(argv=None) -> int:
 
             megatron_to_hf(args.input, args.output, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype,
                            max_shard_size=args.max_shard_size, fmt=args.format, overwrite=args.overwrite,
-                           log=_filtered(log, summary))
+                           template=args.template, image_mode=args.image_mode, source=args.source,
+                           weights_only=args.weights_only, log=_filtered(log, summary))
         else:
             from megallava.convert.verify import verify
 
-            result = verify(args.hf, args.megatron, tp=args.tp, pp=args.pp, tolerance=args.tolerance,
+            result = verify(args.hf, args.megatron, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                            pipeline_layers=args.pipeline_layers, dtype=args.dtype, tolerance=args.tolerance,
                             config=args.config, vision=args.vision, projector=args.projector, seed=args.seed,
-                            log=summary)
+                            trainer_loader=args.trainer_loader, log=summary)
             return 0 if result["ok"] else 1
     except ConversionError as err:
         print(f"convert_checkpoint.py {args.command}: error: {err}", file=sys.stderr)

@@ -161,8 +161,30 @@ def write_latest(root: str, name: str) -> None:
 # Reading
 # ---------------------------------------------------------------------------------------------------------------
 
+_ITER_DIR = re.compile(r"^iter_\d+$")
+PARTIAL_SUFFIX = ".partial"
+
+
+def check_complete(it: str) -> None:
+    """The trainer writes ``iter_N.partial/`` and renames it to ``iter_N`` only after every rank finished writing:
+    the name is the completion marker. Anything else (a ``.partial``, a renamed copy) is refused."""
+    name = os.path.basename(os.path.normpath(it))
+    if name.endswith(PARTIAL_SUFFIX):
+        final = name[:-len(PARTIAL_SUFFIX)]
+        raise ConversionError(
+            f"{it} is an incomplete save: the trainer renames {name} to {final} only after every rank finished "
+            f"writing, so a .partial directory is what a crash or kill mid-save left behind (its files may all be "
+            f"there and still be inconsistent). Use the checkpoint root (its 'latest') or a complete iter_N directory")
+    if not _ITER_DIR.match(name):
+        raise ConversionError(
+            f"{it}: not a complete checkpoint directory (the trainer and hf-to-megatron name every complete "
+            f"iteration iter_NNNNNNN; the name is its completion marker). Pass the checkpoint root or an iter_N "
+            f"directory (rename a copied one back to iter_N)")
+
+
 def resolve(path: str) -> Tuple[str, str]:
-    """(checkpoint root, iteration directory) of a root (with ``latest``) or an ``iter_N`` directory."""
+    """(checkpoint root, iteration directory) of a root (with ``latest``) or an ``iter_N`` directory. A
+    ``iter_N.partial`` directory (an interrupted save) or any other name is refused (``check_complete``)."""
     path = os.path.abspath(path)
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
@@ -170,9 +192,13 @@ def resolve(path: str) -> Tuple[str, str]:
             it = os.path.join(path, f.read().strip())
         if not os.path.isdir(it):
             raise ConversionError(f"{latest} points to {it}, which does not exist")
+        check_complete(it)
         return path, it
     if os.path.isfile(os.path.join(path, "metadata.json")) or os.path.isfile(os.path.join(path, ".metadata")):
+        check_complete(path)
         return os.path.dirname(path), path
+    if os.path.basename(path).endswith(PARTIAL_SUFFIX):
+        check_complete(path)
     raise ConversionError(f"{path}: not a megallava checkpoint (expected {path}/{LATEST} or an iter_N directory "
                           f"with metadata.json and .metadata)")
 
@@ -238,6 +264,11 @@ class CheckpointReader:
                 self.common = torch.load(common_path, map_location="cpu", weights_only=True)
             except Exception:  # noqa: BLE001 - older pickles with non-allowlisted objects
                 self.common = torch.load(common_path, map_location="cpu", weights_only=False)
+        manifest = self.common.get("integrity") if isinstance(self.common, dict) else None
+        if isinstance(manifest, str) and not os.path.isfile(os.path.join(self.dir, manifest)):
+            # the trainer writes its integrity manifest last, just before the rename from .partial
+            raise ConversionError(f"{self.dir}: incomplete checkpoint (its common state names the integrity manifest "
+                                  f"{manifest}, which the trainer writes last, and it is missing)")
 
     def tensor_meta(self, key: str) -> Optional[TensorStorageMetadata]:
         md = self.metadata.state_dict_metadata.get(key)

@@ -148,15 +148,17 @@ def hf_text_config(model: C.ModelConfig, source: dict = None):
         attention_bias=False, mlp_bias=False, **keep)
 
 
-def hf_vision_config(model: C.ModelConfig, source: dict = None):
+def hf_vision_config(model: C.ModelConfig, source: dict = None, full: bool = False):
     """CLIPVisionConfig of the layers megallava builds (the unbuilt top layers are not in a megallava checkpoint:
-    read features from its last layer, which is the configured select_layer of the full tower)."""
+    read features from its last layer, which is the configured select_layer of the full tower), or of the full
+    tower (``full``: when the unbuilt layers come back from the conversion's hf_extra/)."""
     from transformers import CLIPVisionConfig
 
     v = model.vision
     keep = {k: source[k] for k in ("projection_dim", "initializer_range", "initializer_factor")
             if source and k in source}
     return CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size, num_hidden_layers=vision_num_layers_built(v),
+        hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
+        num_hidden_layers=v.num_layers if full else vision_num_layers_built(v),
         num_attention_heads=v.num_attention_heads, num_channels=v.num_channels, image_size=v.image_size,
         patch_size=v.patch_size, hidden_act="quick_gelu", layer_norm_eps=v.layer_norm_eps, **keep)

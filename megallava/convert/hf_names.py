@@ -12,7 +12,8 @@ Two tensors are fused differently in megatron-core:
   q heads, then its k head, then its v head (so a contiguous TP split gives every rank whole groups);
 - the LLaMA ``linear_fc1`` is [gate; up].
 megallava builds only the ViT layers the LLM sees (``vision_num_layers_built``): HF's later ViT layers and its
-``post_layernorm`` are dropped on read and absent on write.
+``post_layernorm`` are not part of the plan (hf_to_megatron keeps them in ``hf_extra/`` and megatron_to_hf writes
+them back from there).
 
 Per-tensor API (the streaming converters in convert/ use it): ``plan`` lists every (HF short names, canonical name,
 kind) of a model, ``hf_shapes`` the shapes a config implies, ``fuse`` / ``split`` convert one entry.

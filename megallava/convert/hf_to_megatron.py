@@ -7,6 +7,15 @@ Output ROOT::
     ROOT/megallava_model.yaml           the model: section of a megallava config
     ROOT/tokenizer/                     the tokenizer / processor files of the input
     ROOT/source_config.json             the input's HF config(s), so megatron-to-hf can restore token ids etc.
+    ROOT/hf_extra/                      what megallava does not build, for megatron-to-hf to give back: every input
+                                        tensor the checkpoint does not hold (ViT layers above the selected one,
+                                        post_layernorm, buffers) in model.safetensors (short names, input dtypes),
+                                        the input's config.json (+ vision_config.json), extra.json (the model they
+                                        belong to)
+
+The checkpoint's common state records ``hf_source`` = ROOT (absolute), so megatron-to-hf finds ROOT from this
+checkpoint; trainer checkpoints that started from it find it through ``--source ROOT`` (or their own common state,
+when the trainer carries ``hf_source`` over into its saves).
 """
 import json
 import os
@@ -18,11 +27,42 @@ import torch
 from megallava.convert import dcp, hf_config, hf_names
 from megallava.convert.errors import ConversionError, atomic_output, check_output
 from megallava.convert.sources import open_source
+from megallava.convert.tensor_files import write_safetensors
 from megallava.convert.geometry import padded_vocab_size, vision_num_layers_built
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_DIR = "tokenizer"
 SOURCE_CONFIG = "source_config.json"
+HF_EXTRA = "hf_extra"
+EXTRA_JSON = "extra.json"
+
+
+def extra_tensors(source) -> list:
+    """Short names of the input tensors the megallava checkpoint does not hold (kept in hf_extra/)."""
+    wanted = {s for hf, _, _, _ in hf_names.plan(source.model) for s in hf}
+    return sorted(s for s in source.tensors if s not in wanted)
+
+
+def write_extra(dest: str, source, out_dtype, log) -> int:
+    """hf_extra/: the unbuilt tensors (streamed one at a time), the input's configs, and what model they go with."""
+    os.makedirs(dest)
+    names = extra_tensors(source)
+    entries = []
+    for s in names:
+        shape, dt = source.meta(s)
+        dt = out_dtype if out_dtype is not None and dt.is_floating_point else dt
+        entries.append((s, tuple(shape), dt, lambda s=s, dt=dt: source.get(s).to(dt)))
+    write_safetensors(dest, entries, 2 * 10 ** 9, log)
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(source.hf_configs.get("config", {}), f, indent=2)
+    if source.hf_configs.get("vision_config") is not None:
+        with open(os.path.join(dest, "vision_config.json"), "w") as f:
+            json.dump(source.hf_configs["vision_config"], f, indent=2)
+    with open(os.path.join(dest, EXTRA_JSON), "w") as f:
+        json.dump({"flavour": source.flavour, "input": os.path.abspath(source.path),
+                   "vision_dir": os.path.abspath(source.vision_dir) if source.vision_dir else None,
+                   "model": hf_config.model_dict(source.model), "tensors": names}, f, indent=2)
+    return len(names)
 
 
 def plan_chunks(source, out_dtype=None):
@@ -83,7 +123,8 @@ def hf_to_megatron(input: str, output: str, dtype: str = None, overwrite: bool =
         f"{len(chunks)} chunks, {total / 2 ** 30:.2f} GiB")
     common = {"format_version": dcp.FORMAT_VERSION, "iteration": 0,
               "layout": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1}, "weights_only": True,
-              "converted_from": {"flavour": source.flavour, "input": os.path.abspath(input)}}
+              "converted_from": {"flavour": source.flavour, "input": os.path.abspath(input)},
+              "hf_source": os.path.abspath(output)}
     with atomic_output(output, overwrite) as tmp:
         name = dcp.iter_dirname(0)
         dcp.write_checkpoint(os.path.join(tmp, name), chunks, common, log)
@@ -93,6 +134,9 @@ def hf_to_megatron(input: str, output: str, dtype: str = None, overwrite: bool =
         copied = copy_tokenizer(source.tokenizer_files, os.path.join(tmp, TOKENIZER_DIR))
         with open(os.path.join(tmp, SOURCE_CONFIG), "w") as f:
             json.dump({"flavour": source.flavour, **source.hf_configs}, f, indent=2)
+        n_extra = write_extra(os.path.join(tmp, HF_EXTRA), source, DTYPES.get(dtype), log)
+    log(f"kept {n_extra} input tensors megallava does not build (and the input's config) in "
+        f"{os.path.join(output, HF_EXTRA)}: megatron-to-hf gives them back")
     if not copied:
         log(f"warning: no tokenizer files found in {input}")
     seconds = time.perf_counter() - t0

@@ -4,10 +4,22 @@ Text is always encoded as text: no BOS/EOS is added and special-token strings in
 user turn) are NOT turned into special ids, so data cannot inject control tokens. Templates insert BOS/EOS ids
 themselves (see templates.py). ``encode_with_offsets`` gives each token's (char_start, char_end) in the input text,
 which is what lets templates build an exact label mask.
+
+Image token. The trainer writes ``model.image_token_id`` into the token ids itself, so any id works for training;
+LLaVA's -200 is outside every vocab, which llava-hf's ``LlavaForConditionalGeneration`` cannot embed. New models
+should use an in-vocab ``<image>`` token as llava-hf does: the id is the tokenizer's size (the first free id) and
+the vocab grows by one. ``image_token_settings(path)`` gives the two model keys for a tokenizer, and
+``add_image_token(src, dst)`` (CLI: ``python -m megallava.data.tokenizer add-image-token SRC DST``) writes a copy
+of the tokenizer that holds the token (a CONTROL piece of a sentencepiece model, which text never encodes to; a
+special added token of an HF tokenizer). Training does not need the copy (the id is inserted, never tokenized);
+tools/convert_checkpoint.py megatron-to-hf adds the token to the exported tokenizer itself.
 """
 import io
 import os
-from typing import List, Optional, Sequence, Tuple
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+IMAGE_TOKEN = "<image>"
 
 Offsets = List[Tuple[int, int]]
 
@@ -136,6 +148,64 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise ValueError(f"{path}: no such tokenizer; expected a sentencepiece .model file or an HF tokenizer directory")
 
 
+def _is_sentencepiece(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+def image_token_settings(path: str, token: str = IMAGE_TOKEN) -> Dict[str, int]:
+    """``{"vocab_size": ..., "image_token_id": ...}`` for training with an in-vocab ``token`` and the tokenizer at
+    ``path``: the token's id if the tokenizer already has it, else the tokenizer's size (the id
+    ``add_image_token`` gives it), and a vocab just large enough to hold it."""
+    if _is_sentencepiece(path):
+        sp = SentencePieceTokenizer(path).sp
+        n, found = sp.get_piece_size(), sp.piece_to_id(token)
+        existing = found if 0 <= found < n and sp.id_to_piece(found) == token else None
+    else:
+        tok = HFTokenizer(path).tok
+        n = len(tok)
+        found = tok.convert_tokens_to_ids(token)
+        existing = found if isinstance(found, int) and found != tok.unk_token_id and \
+            tok.convert_ids_to_tokens(found) == token else None
+    if existing is not None:
+        return {"vocab_size": n, "image_token_id": existing}
+    return {"vocab_size": n + 1, "image_token_id": n}
+
+
+def add_image_token(src: str, dst: str, token: str = IMAGE_TOKEN) -> Dict[str, object]:
+    """Copy the tokenizer ``src`` (a sentencepiece ``.model`` file or an HF tokenizer directory) to ``dst`` (a file
+    or a directory, like ``src``) with ``token`` added as a special token at id = the size before, as llava-hf
+    does. A tokenizer that already holds the token is copied unchanged. Returns ``{"path", "vocab_size",
+    "image_token_id"}``: the model.vocab_size / model.image_token_id to train with."""
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"add_image_token: write the copy elsewhere than {src}")
+    settings = image_token_settings(src, token)
+    if _is_sentencepiece(src):
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        with open(src, "rb") as f:
+            proto.ParseFromString(f.read())
+        if settings["image_token_id"] == len(proto.pieces):
+            # CONTROL: like <s>, it has an id but no text encodes to it (data cannot inject it).
+            proto.pieces.add(piece=token, score=0.0, type=pb.ModelProto.SentencePiece.CONTROL)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        with open(dst, "wb") as f:
+            f.write(proto.SerializeToString())
+        check = SentencePieceTokenizer(dst).sp
+        assert check.piece_to_id(token) == settings["image_token_id"], "sentencepiece did not keep the piece"
+    else:
+        from tokenizers import AddedToken
+
+        tok = HFTokenizer(src).tok
+        if settings["image_token_id"] == len(tok):
+            tok.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+        os.makedirs(dst, exist_ok=True)
+        tok.save_pretrained(dst)
+        got = HFTokenizer(dst).tok.convert_tokens_to_ids(token)
+        assert got == settings["image_token_id"], f"{token} saved at id {got}"
+    return {"path": dst, **settings}
+
+
 def train_sentencepiece(texts: List[str], out_prefix: str, vocab_size: int, model_type: str = "bpe") -> str:
     """Train a LLaMA-like sentencepiece model on ``texts``; returns ``out_prefix + ".model"``.
 
@@ -156,3 +226,23 @@ def train_sentencepiece(texts: List[str], out_prefix: str, vocab_size: int, mode
     with open(path, "wb") as f:
         f.write(buf.getvalue())
     return path
+
+
+def _main(argv: List[str]) -> int:
+    usage = ("usage: python -m megallava.data.tokenizer add-image-token SRC DST   (SRC: sentencepiece .model or HF "
+             "tokenizer dir)\n       python -m megallava.data.tokenizer image-token-settings SRC")
+    if len(argv) == 3 and argv[0] == "add-image-token":
+        out = add_image_token(argv[1], argv[2])
+        print(f"wrote {out['path']}; train with:\n  model.vocab_size: {out['vocab_size']}\n"
+              f"  model.image_token_id: {out['image_token_id']}")
+        return 0
+    if len(argv) == 2 and argv[0] == "image-token-settings":
+        out = image_token_settings(argv[1])
+        print(f"model.vocab_size: {out['vocab_size']}\nmodel.image_token_id: {out['image_token_id']}")
+        return 0
+    print(usage, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
