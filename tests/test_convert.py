@@ -565,3 +565,86 @@ def test_peak_memory_is_a_few_tensors(work, hf_llava, hub_tok):
     assert model_mib >= 3 * margin
     assert grew["in"] <= margin and grew["out"] <= margin
     assert shorts(big).keys() >= {s for s in shorts(str(work / "h_big")) if not s.startswith("vit.post_layernorm")}
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+@pytest.fixture(scope="module")
+def lora_ckpt(work, converted):
+    """A LoRA-4 (alpha 16) model of the converted shape, saved by the trainer at TP2 with random, nonzero adapters
+    (B = 0 at init would make any export look right), plus the run config that records lora.rank / alpha."""
+    out = str(work / "lora_ckpt")
+    run_cfg = str(work / "lora_run.yaml")
+    cfg = C.load_config(os.path.join(converted, "megallava_model.yaml"),
+                        ["parallel.tp=2", "train.precision=fp32", "lora.rank=4", "lora.alpha=16"])
+    C.dump_yaml(cfg, run_cfg)
+
+    def fn(rank, env):
+        from megallava.distributed import init_distributed
+        from megallava.model.build import build_chunks
+        from megallava.training import checkpoint
+        from megallava.training.optimizer import build_optimizer, wrap_ddp
+
+        init_distributed(2, 1, None, seed=0, env=env)
+        chunks = build_chunks(cfg)
+        gen = torch.Generator().manual_seed(5 + rank)  # each TP rank holds its own rows of B
+        with torch.no_grad():
+            for name, p in chunks[0].named_parameters():
+                if name.endswith(".lora_b"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                elif name.endswith(".lora_a") and getattr(p, "tensor_model_parallel", False):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)  # row-parallel A: split over TP
+        model = wrap_ddp(chunks, cfg)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        checkpoint._materialise_optimizer_state(optimizer)
+        checkpoint.save(out, model, optimizer, scheduler, 3)
+
+    run_ranks(2, fn)
+    return out, run_cfg, cfg
+
+
+def _megallava_lora_logits(ckpt, cfg, ids, pixels):
+    def fn(rank, env):
+        from megallava.distributed import init_distributed
+        from megallava.model.build import build_chunks
+        from megallava.training import checkpoint
+
+        c = C.load_config(None, [])
+        c.model, c.lora = cfg.model, cfg.lora
+        c.train.precision = "fp32"
+        init_distributed(1, 1, None, seed=0, env=env)
+        chunks = build_chunks(c)
+        checkpoint.load(ckpt, chunks, None, None, load_optimizer=False)
+        with torch.no_grad():
+            return chunks[0].eval()(tokens=ids, images=pixels)[..., :cfg.model.vocab_size]
+
+    return run_ranks(1, fn)[0]
+
+
+def test_lora_export_merged_and_peft(work, lora_ckpt, hub_tok):
+    from peft import PeftModel
+
+    ckpt, run_cfg, cfg = lora_ckpt
+    ids, pixels, _, _ = make_batch(cfg.model)
+    want = _megallava_lora_logits(ckpt, cfg, ids, pixels)
+    merged, unmerged = str(work / "lora_merged"), str(work / "lora_peft")
+    megatron_to_hf(ckpt, merged, config=run_cfg, tokenizer=hub_tok, merge_lora=True, log=QUIET)
+    megatron_to_hf(ckpt, unmerged, config=run_cfg, tokenizer=hub_tok, log=QUIET)
+    assert not os.path.exists(os.path.join(merged, "adapter"))
+    with torch.no_grad():
+        m = LlavaForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
+        got_merged = m(input_ids=ids, pixel_values=pixels).logits
+        base = LlavaForConditionalGeneration.from_pretrained(unmerged, dtype=torch.float32).eval()
+        got_base = base(input_ids=ids, pixel_values=pixels).logits
+        peft = PeftModel.from_pretrained(base, os.path.join(unmerged, "adapter")).eval()
+        got_peft = peft(input_ids=ids, pixel_values=pixels).logits
+    assert (got_base - want).abs().max() > 1e-2  # the adapters change the model
+    torch.testing.assert_close(got_merged, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got_peft, want, rtol=0, atol=1e-4)
+    cfg_json = json.load(open(os.path.join(unmerged, "adapter", "adapter_config.json")))
+    assert (cfg_json["r"], cfg_json["lora_alpha"]) == (4, 16.0)
+    with pytest.raises(ConversionError, match="holds no LoRA adapters"):
+        megatron_to_hf(converted_dir(work), str(work / "nolora"), merge_lora=True, tokenizer=hub_tok, log=QUIET)
+
+
+def converted_dir(work):
+    return str(work / "meg")

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--weights-only", action="store_true",
                    help="write weights and config only: no tokenizer, processor or chat template (benchmarks, or "
                         "when you add them yourself)")
+    m.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoint: merge the adapters into the base weights (W + alpha/r B A) and write a plain "
+                        "model; without it the base is written as is, plus a PEFT adapter in OUTPUT/adapter/")
     m.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights (default: keep the stored)")
     m.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     m.add_argument("--overwrite", action="store_true")
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
             megatron_to_hf(args.input, args.output, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype,
                            max_shard_size=args.max_shard_size, fmt=args.format, overwrite=args.overwrite,
                            template=args.template, image_mode=args.image_mode, source=args.source,
-                           weights_only=args.weights_only, log=_filtered(log, summary))
+                           weights_only=args.weights_only, merge_lora=args.merge_lora, log=_filtered(log, summary))
         else:
             from megallava.convert.verify import verify
 

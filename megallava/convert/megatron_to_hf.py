@@ -38,6 +38,7 @@ import yaml
 from megallava import config as C
 from megallava.convert import dcp, hf_config, hf_export, hf_names
 from megallava.convert.errors import ConversionError, atomic_output, check_output
+from megallava.convert.lora_export import LoRAReader, write_peft_adapter
 from megallava.convert.hf_to_megatron import DTYPES, EXTRA_JSON, HF_EXTRA, SOURCE_CONFIG, TOKENIZER_DIR
 from megallava.convert.tensor_files import TensorFiles, parse_size, write_safetensors
 from megallava.convert.geometry import padded_vocab_size, vision_num_layers_built
@@ -142,8 +143,9 @@ def check_checkpoint(reader: dcp.CheckpointReader, model, where: str) -> None:
 class _Canonical:
     """Reads canonical tensors from the checkpoint, keeping only the last one (q, k, v share one read)."""
 
-    def __init__(self, reader, model, dtype):
-        self.reader, self.model, self.dtype = reader, model, dtype
+    def __init__(self, reader, model, dtype, lora=None):
+        """``lora``: a LoRAReader whose adapters are merged into the base weights (``--merge-lora``), or None."""
+        self.reader, self.model, self.dtype, self.lora = reader, model, dtype, lora
         self.key, self.value = None, None
 
     def get(self, can: str) -> torch.Tensor:
@@ -153,14 +155,16 @@ class _Canonical:
             t = self.reader.read(key, layer)
             if can in ("embedding.weight", "output_layer.weight"):
                 t = t[:self.model.vocab_size]
+            if self.lora:
+                t = self.lora.merged(can, t)
             self.key, self.value = can, t.to(self.dtype) if self.dtype else t
         return self.value
 
 
-def _entries(reader, model, dtype, name_of):
-    """(hf name, shape, dtype, produce) for every HF tensor, in plan order."""
+def _entries(reader, model, dtype, name_of, lora=None):
+    """(hf name, shape, dtype, produce) for every HF tensor, in plan order (LoRA merged in when ``lora``)."""
     shapes = hf_names.hf_shapes(model)
-    canonical = _Canonical(reader, model, dtype)
+    canonical = _Canonical(reader, model, dtype, lora)
     out = []
     for hf, can, kind, geo in hf_names.plan(model):
         key, _ = dcp.dcp_key(can)
@@ -418,7 +422,8 @@ def _set_dtype(cfg: dict, dtype) -> dict:
 
 def megatron_to_hf(input: str, output: str, config: str = None, tokenizer: str = None, dtype: str = None,
                    max_shard_size: str = "2GB", fmt: str = "auto", overwrite: bool = False, template: str = None,
-                   image_mode: str = None, source: str = None, weights_only: bool = False, log=print) -> dict:
+                   image_mode: str = None, source: str = None, weights_only: bool = False, merge_lora: bool = False,
+                   log=print) -> dict:
     t0 = time.perf_counter()
     check_output(output, overwrite)
     if dtype is not None and dtype not in DTYPES:
@@ -433,6 +438,13 @@ def megatron_to_hf(input: str, output: str, config: str = None, tokenizer: str =
         log(f"note: {why}")
     out_dtype = DTYPES.get(dtype)
     runs = run_configs(reader, config)
+    lora = LoRAReader(reader, model, runs)
+    if merge_lora and not lora:
+        raise ConversionError(f"--merge-lora: {reader.dir} holds no LoRA adapters (lora_a / lora_b tensors)")
+    if lora:
+        log(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.linears)}: "
+            + ("merged into the base weights" if merge_lora else "base written unmerged + PEFT adapter in adapter/"))
+    merged = lora if merge_lora else None
     home = find_source(reader, model, config, source, runs, log)
     source_cfg = home.config if home is not None else {}
     text_src = source_cfg.get("config", {})
@@ -464,7 +476,7 @@ def megatron_to_hf(input: str, output: str, config: str = None, tokenizer: str =
         if fmt == "llava-hf":
             name_of = _llava_hf_name
             extra, full = _with_extra(model, _extra_entries(home, out_dtype, name_of))
-            entries = _entries(reader, model, out_dtype, name_of) + extra
+            entries = _entries(reader, model, out_dtype, name_of, merged) + extra
             if not full:
                 entries += _post_layernorm(model, weight_dtype, name_of)
             write_safetensors(tmp, [e[:4] for e in entries], max_bytes, log)
@@ -490,7 +502,7 @@ def megatron_to_hf(input: str, output: str, config: str = None, tokenizer: str =
         else:
             name_of = lambda s: _llava_name(s, model.projector)  # noqa: E731
             extra, full = _with_extra(model, _extra_entries(home, out_dtype, name_of))
-            entries = _entries(reader, model, out_dtype, name_of) + extra
+            entries = _entries(reader, model, out_dtype, name_of, merged) + extra
             llm = [e for e in entries if not e[4].startswith("vit.")]
             vit = [e for e in entries if e[4].startswith("vit.")]
             if not full:
@@ -535,6 +547,15 @@ def megatron_to_hf(input: str, output: str, config: str = None, tokenizer: str =
                 d["image_aspect_ratio"] = "pad" if image_mode == "pad" else "square"
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(d, f, indent=2, sort_keys=True)
+        if lora and not merge_lora:
+            if fmt != "llava-hf":
+                raise ConversionError("a PEFT adapter is written for the llava-hf format only: use --merge-lora")
+            projector = {n[len("projector."):]: reader.read(n).to(out_dtype or weight_dtype)
+                         for n in ("projector.linear_1.weight", "projector.linear_1.bias",
+                                   "projector.linear_2.weight", "projector.linear_2.bias")}
+            written = write_peft_adapter(lora, os.path.join(tmp, "adapter"), projector, out_dtype or weight_dtype)
+            log(f"PEFT adapter: {written['tensors']} tensors, {written['parameters']:,} parameters in adapter/ "
+                f"(peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(OUT), OUT/adapter))")
         if verbatim:
             for path in verbatim:
                 shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
