@@ -87,6 +87,9 @@ class TrainConfig:
     grad_reduce_in_fp32: Optional[bool] = None       # fp32 main grads / DP reduction; null = same as master_weights
     recompute: str = "none"                          # activation recompute: "none" | "selective" | "full"
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])  # selective: megatron's modules
+    fault_timeout_s: float = 60.0                    # longest wait on a peer (collective timeout) once running; a
+                                                     # step this much slower than the slowest so far ends the rank
+    startup_timeout_s: float = 900.0                 # rendezvous, preflight, build, checkpoint load, first iteration
 
 
 @dataclass
@@ -131,12 +134,13 @@ class DataConfig:
     text_only_fraction: float = 0.25                 # synthetic: share of language-only samples
     max_images_per_sample: int = 1                   # synthetic: images per multimodal sample (1..n)
     sources: List[SourceConfig] = field(default_factory=list)  # shards: the mix, e.g. [{path: shards/x, weight: 0.8}]
-    tokenizer: Optional[str] = None                  # shards: sentencepiece tokenizer.model
+    tokenizer: Optional[str] = None                  # shards: sentencepiece .model file or HF tokenizer directory
     image_mode: str = "pad"                          # shards: "pad" (LLaVA expand-to-square) | "resize"
     num_workers: int = 2                             # shards: DataLoader worker processes per data iterator
     overlong: str = "truncate"                       # shards: "truncate" (never through an image) | "drop"
     packing: bool = False                            # several whole samples per row, attention kept per sample
     shuffle: bool = True                             # shards: a seeded permutation of each source per epoch
+    max_skip_fraction: float = 0.01                  # stop when more of the samples read are skipped (after 100)
 
 
 @dataclass
@@ -146,6 +150,8 @@ class CheckpointConfig:
     load: Optional[str] = None                       # a checkpoint root (uses its `latest`) or one iter_N dir
     keep: Optional[int] = None                       # keep only the newest N checkpoints (None = all)
     load_optimizer: bool = True                      # false = weights-only resume (e.g. after a layout change)
+    fallback: bool = False                           # latest damaged/incomplete: load the newest intact one (loudly)
+    timeout_s: float = 900.0                         # longest one save (write + checksums) may take on any rank
 
 
 @dataclass
@@ -509,6 +515,9 @@ def _validate_train(cfg: Config, dp: Optional[int], p: _Checks) -> None:
     p.one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
     if t.exit_interval is not None:
         p.at_least("train.exit_interval", t.exit_interval, 1, " (or null to run all train.iters)")
+    for key in ("fault_timeout_s", "startup_timeout_s"):
+        if not getattr(t, key) > 0:
+            p.append(f"train.{key}={getattr(t, key)} must be > 0 (seconds)")
 
     if not t.master_weights:
         if t.precision == "fp32":
@@ -538,17 +547,49 @@ def _validate_data(cfg: Config, ok: dict, p: _Checks) -> None:
     p.at_least("data.num_samples", d.num_samples, 1)
     images_ok = p.at_least("data.max_images_per_sample", d.max_images_per_sample, 0)
     p.in_range("data.text_only_fraction", d.text_only_fraction, 0, 1)
-    if seq_ok and images_ok and ok["image"] and d.max_images_per_sample >= 1:
+    p.in_range("data.max_skip_fraction", d.max_skip_fraction, 0, 1)
+    if seq_ok and images_ok and ok["image"] and d.source == "synthetic" and d.max_images_per_sample >= 1:
         tokens = image_tokens_per_image(cfg)
         need = d.max_images_per_sample * tokens + 16  # images plus room for some text
         if d.seq_length < need:
             p.append(f"data.seq_length={d.seq_length} is too short for data.max_images_per_sample="
                      f"{d.max_images_per_sample} image(s) of {tokens} tokens plus 16 text tokens: use seq_length >= "
                      f"{need}, or lower max_images_per_sample / model.vision.image_size")
+    elif seq_ok and ok["image"] and d.source == "shards":
+        # Shards: the most images of one sample (per-sample counts in the manifest when it has them, else 1); the
+        # preflight check (training/preflight.py) adds the template's own tokens, which need the tokenizer.
+        tokens = image_tokens_per_image(cfg)
+        for i, s in enumerate(d.sources):
+            n = _shard_images_per_sample(s.path)
+            if n and d.seq_length < n * tokens + 16:
+                p.append(f"data.seq_length={d.seq_length} is too short for data.sources[{i}] ({s.path}): a sample has "
+                         f"up to {n} image(s) of {tokens} tokens, plus 16 text tokens: use seq_length >= "
+                         f"{n * tokens + 16}, or a smaller model.vision.image_size")
+
+
+def images_per_sample(manifest: dict) -> int:
+    """Most images of one sample of a shard source: from per-sample counts when its manifest has them (a
+    ``num_images`` list per shard, or a top-level ``max_images``), else 1."""
+    if "max_images" in manifest:
+        return int(manifest["max_images"])
+    counts = [c for s in manifest.get("shards", []) for c in s.get("num_images", [])]
+    return max(counts) if counts else 1
+
+
+def _shard_images_per_sample(path: str) -> int:
+    """images_per_sample of a shard directory (0 if its manifest is unreadable: reported elsewhere)."""
+    import json
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            return images_per_sample(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _validate_checkpoint(cfg: Config, p: _Checks) -> None:
     ck = cfg.checkpoint
+    if not ck.timeout_s > 0:
+        p.append(f"checkpoint.timeout_s={ck.timeout_s} must be > 0 (seconds)")
     p.at_least("checkpoint.interval", ck.interval, 0, " (0 = save only at the end)")
     if ck.keep is not None:
         p.at_least("checkpoint.keep", ck.keep, 1, " (or null to keep every checkpoint)")
@@ -605,8 +646,8 @@ def _validate_shard_data(d: DataConfig, p: _Checks) -> None:
         if s.template not in TEMPLATES:
             p.append(f"{key}.template={s.template!r} is not supported: use one of {', '.join(TEMPLATES)}")
     if not d.tokenizer:
-        p.append("data.source=shards needs data.tokenizer: the path of a sentencepiece tokenizer.model")
-    elif not os.path.isfile(d.tokenizer):
+        p.append("data.source=shards needs data.tokenizer: a sentencepiece .model file or an HF tokenizer directory")
+    elif not os.path.exists(d.tokenizer):
         p.append(f"data.tokenizer={d.tokenizer} does not exist")
     for key, value, allowed in (("data.image_mode", d.image_mode, ("pad", "resize")),
                                 ("data.overlong", d.overlong, ("truncate", "drop"))):

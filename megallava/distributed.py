@@ -51,14 +51,22 @@ def free_port() -> int:
 
 
 def init_distributed(tp: int, pp: int, vpp: int | None, seed: int, env: LaunchEnv | None = None,
-                     timeout_s: int = 600) -> LaunchEnv:
-    """Init torch.distributed (NCCL on CUDA, gloo on CPU), megatron parallel_state and RNG seeds."""
+                     timeout_s: float = 600) -> LaunchEnv:
+    """Init torch.distributed (NCCL on CUDA, gloo on CPU), megatron parallel_state and RNG seeds.
+
+    ``timeout_s`` bounds every collective of every group (megatron's subgroups included): gloo raises after it, and
+    NCCL, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` (set here unless the user set it), aborts the communicators and
+    ends the process, instead of blocking forever on a dead or hung peer. (``TORCH_NCCL_BLOCKING_WAIT=1`` would
+    raise in Python instead but makes every collective synchronous; we leave it off.) A peer that dies closes its
+    gloo connections, so gloo ranks fail at once; NCCL ranks wait out the timeout. The trainer lowers the timeout
+    to ``train.fault_timeout_s`` after the first iteration (training/faults.py)."""
     from megatron.core import parallel_state, tensor_parallel
     from megallava import cpu_compat
 
     env = env or launch_env()
     cpu_compat.install()
     if torch.cuda.is_available():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:
@@ -74,7 +82,8 @@ def init_distributed(tp: int, pp: int, vpp: int | None, seed: int, env: LaunchEn
                 world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp if pp > 1 else None)
+        virtual_pipeline_model_parallel_size=vpp if pp > 1 else None,
+        distributed_timeout_minutes=max(1, -(-int(timeout_s) // 60)))
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env

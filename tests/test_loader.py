@@ -230,9 +230,10 @@ def test_workers_survive_sigterm(data):
     import psutil
 
     cfg = make_cfg(data, [("text", 1.0)], **{"data.num_workers": 2})
+    before = {c.pid for c in psutil.Process().children()}  # earlier tests' workers may still be shutting down
     it = L.build_microbatch_iterator(cfg, 0, 1, 0, False)
-    first = next(it)
-    workers = psutil.Process().children()
+    first, _ = next(it), next(it)  # one micro-batch from each worker: both have run their worker_init_fn
+    workers = [c for c in psutil.Process().children() if c.pid not in before]
     assert len(workers) == 2
     for w in workers:
         w.send_signal(signal.SIGTERM)
@@ -240,6 +241,53 @@ def test_workers_survive_sigterm(data):
     assert not gone
     later = [next(it) for _ in range(6)]
     assert first["tokens"].shape[0] and all(b["tokens"].shape[0] for b in later)
+
+
+def test_workers_die_with_their_rank(data):
+    """Workers ignore SIGTERM (above), so they must not outlive a rank that is SIGKILLed or ends on an error: the
+    kernel kills them with their parent (PR_SET_PDEATHSIG), and kill_workers() ends them without waiting. Each case
+    runs in a forked "rank" that leaves this process's loaders alone (gc.freeze)."""
+    import gc
+    import multiprocessing as mp
+    import os
+    import psutil
+
+    cfg = make_cfg(data, [("text", 1.0)], **{"data.num_workers": 2})
+
+    def alive(pid):  # orphaned workers are reaped by init: a zombie is dead
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def rank(writer, kill_own):
+        try:
+            gc.freeze()
+            it = L.build_microbatch_iterator(cfg, 0, 1, 0, False)
+            next(it)
+            pids = L.worker_pids()
+            if kill_own:
+                L.kill_workers()  # the error path: SIGKILL, no join, no SIGCHLD report
+            writer.send(pids)
+            time.sleep(60)  # until SIGKILLed
+        finally:
+            os._exit(1)  # never Python's exit path (it would join the workers)
+
+    for kill_own in (False, True):
+        reader, writer = mp.get_context("fork").Pipe(duplex=False)
+        child = mp.get_context("fork").Process(target=rank, args=(writer, kill_own))
+        child.start()
+        assert reader.poll(30), "the forked rank sent no worker pids"
+        pids = reader.recv()
+        assert len(pids) == 2
+        if not kill_own:
+            os.kill(child.pid, signal.SIGKILL)
+        deadline = time.time() + 2
+        while any(alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in pids), kill_own
+        child.kill()
+        child.join()
 
 
 def test_config_yaml_and_validation(data, tmp_path):

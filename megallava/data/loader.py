@@ -16,14 +16,23 @@ micro-batch with no sample left is one such row, ``batch["empty"] = True``). Eve
 is taken from bytes and text that the first and the last pipeline stage both read (``with_images=False`` never
 decodes images), so both stages always build the same micro-batch. A shard whose size differs from its manifest
 (a cut-off copy) stops the loader at start with an error naming the shard; damaged bytes inside a complete shard
-fail their CRC and are skipped as ``corrupt_sample``.
+fail their CRC and are skipped as ``corrupt_sample``. Each skipped sample is also listed in
+``batch["skipped_samples"]`` as (reason, shard path, key), so the trainer can name it.
+
+Workers never outlive their rank: they ignore SIGTERM (a preempted trainer still needs its data to finish the
+iteration and save), so they ask the kernel to SIGKILL them when the rank dies (PR_SET_PDEATHSIG), and the rank's
+error path SIGKILLs them itself (``kill_workers``) instead of letting Python's exit handler SIGTERM and join them,
+which would wait forever. ``close_all`` shuts them down cleanly at the end of a run.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
 import signal
+import weakref
 from collections import Counter, OrderedDict
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -210,11 +219,14 @@ class MicroBatches(torch.utils.data.Dataset):
                 "images": images, "source": s, "key": src.keys[k]}, None
 
     def __getitem__(self, q: int) -> Dict:
-        samples, skipped = [], Counter()
+        samples, skipped, named = [], Counter(), []
         for slot in self.slots(q):
-            sample, reason = self.sample(*self.mix.locate(slot))
+            s, k = self.mix.locate(slot)
+            sample, reason = self.sample(s, k)
             if sample is None:
                 skipped[reason] += 1
+                src = self.sources[s]
+                named.append((reason, src.paths[src.shard[k]], src.keys[k]))
             else:
                 samples.append(sample)
         empty = not samples
@@ -233,7 +245,8 @@ class MicroBatches(torch.utils.data.Dataset):
             samples += [padding] * (rows - len(samples))
             batch = collate(samples, self.pad_multiple, self.with_images)
         batch.update(source_ids=torch.tensor([s["source"] for s in samples], dtype=torch.long),
-                     keys=[s["key"] for s in samples], skipped=dict(skipped), empty=empty, iteration=q // self.n_micro,
+                     keys=[s["key"] for s in samples], skipped=dict(skipped), skipped_samples=named, empty=empty,
+                     iteration=q // self.n_micro,
                      lengths=[0 if s["key"] is None else n for s, n in zip(samples, batch["lengths"])])
         return batch
 
@@ -269,31 +282,89 @@ def build_microbatch_iterator(cfg, dp_rank: int, dp_size: int, start_iteration: 
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(
         ds, batch_size=None, sampler=_From(start_iteration * ds.n_micro), num_workers=workers,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init,
-        timeout=WORKER_TIMEOUT_S if workers > 0 else 0)
-    return _stop_workers_on_error(iter(loader))
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()), timeout=WORKER_TIMEOUT_S if workers > 0 else 0)
+    it = iter(loader)
+    if workers > 0:
+        _LIVE.append((os.getpid(), weakref.ref(it)))
+    return _stop_workers_on_error(it)
 
 
-def _worker_init(_worker_id: int) -> None:
+# Multi-process loader iterators (their workers) by creating process: a forked rank inherits its parent's entries,
+# whose workers are not its children.
+_LIVE: List[Tuple[int, "weakref.ref"]] = []
+PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent_pid: int, _worker_id: int) -> None:
     # SLURM (preemption, scancel) and torchrun send SIGTERM to every process of the job. The trainer then saves at the
     # end of the current iteration, which needs its data: workers keep serving until the trainer shuts them down.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # ... but they must never outlive the rank (SIGKILLed, or ended by its error path): the kernel kills them then.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: torch's own parent check ends them within a few seconds
+        pass
+    if os.getppid() != parent_pid:  # the rank died before prctl took effect
+        os._exit(1)
     torch.set_num_threads(1)  # workers share the cores with the ranks; torch's own pool would oversubscribe them
+
+
+def _iterators() -> list:
+    """This process's live loader iterators."""
+    _LIVE[:] = [(pid, ref) for pid, ref in _LIVE if ref() is not None]
+    return [ref() for pid, ref in _LIVE if pid == os.getpid()]
+
+
+def worker_pids() -> List[int]:
+    """PIDs of this process's live loader workers."""
+    return [w.pid for it in _iterators() for w in getattr(it, "_workers", []) if w.is_alive()]
+
+
+def _untrack(it) -> None:
+    # Untrack the workers first, or torch's SIGCHLD handler reports their death instead of the real error.
+    if getattr(it, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+
+
+def kill_workers() -> None:
+    """SIGKILL every loader worker of this process now (the error path: never waits on them)."""
+    for it in _iterators():
+        _untrack(it)
+        for w in getattr(it, "_workers", []):
+            try:
+                w.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
+
+
+def close_all() -> None:
+    """Shut this process's loader workers down (end of a run); any that does not stop is SIGKILLed."""
+    for it in _iterators():
+        try:
+            it._shutdown_workers()
+        finally:
+            _untrack(it)
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=5)
+    _LIVE[:] = [(pid, ref) for pid, ref in _LIVE if pid != os.getpid()]
 
 
 def _stop_workers_on_error(it):
     """Re-raise a worker's error (or the timeout) after stopping the workers now, so the rank exits promptly: a hung
     worker would be joined for 5 s before being killed, and left to the garbage collector (the re-raised
     traceback's reference cycle) the shutdown waits out that join for every worker."""
+    owner = os.getpid()
     try:
         yield from it
     except BaseException:
-        if hasattr(it, "_shutdown_workers"):  # only the multi-process iterator has workers
-            # Untrack them first, or torch's SIGCHLD handler reports the kill instead of the real error; SIGKILL
-            # because workers ignore SIGTERM (see _worker_init).
-            if it._worker_pids_set:
-                torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
-                it._worker_pids_set = False
+        # Only the multi-process iterator has workers, and only its own process may stop them: a process forked
+        # from it (a test's forked rank) that garbage-collects its copy of this generator must leave them alone.
+        if hasattr(it, "_shutdown_workers") and os.getpid() == owner:
+            _untrack(it)  # SIGKILL: workers ignore SIGTERM (see _worker_init)
             for w in it._workers:
                 w.kill()
             it._shutdown_workers()

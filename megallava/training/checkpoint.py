@@ -4,10 +4,17 @@ Layout of ``checkpoint.dir``::
 
     iter_0000010/          one complete checkpoint (dist_checkpointing format, loadable at any TP/PP/DP)
     iter_0000020/
+        __<rank>_<n>.distcp, .metadata, common.pt, metadata.json    dist_checkpointing's files
+        fingerprint.json   the model definition, tensor shapes and tokenizer hash (training/fingerprint.py)
+        tokenizer/         a copy of data.tokenizer (when set), for export without the training data
+        integrity.json     size and CRC32 of every other file, written last (training/integrity.py)
     latest                 text file: "iter_0000020", replaced atomically after the directory is complete
 
 A save writes ``iter_N.partial/`` and renames it only after every rank finished, then replaces ``latest``. A crash or
-SIGKILL mid-save leaves at most a ``.partial`` directory, which is never loaded and is removed by the next save.
+SIGKILL mid-save leaves at most a ``.partial`` directory, which is never loaded and is removed by the next save (or
+at once by the rank whose save failed). A load verifies the files against ``integrity.json`` first and refuses a
+damaged or incomplete checkpoint naming each file (``checkpoint.fallback=true``: the newest intact one instead, with
+a loud warning), then refuses a checkpoint of a different model or tokenizer naming both values.
 The data position is the number of consumed global batches (= iteration): the loaders are pure functions of
 (seed, data, global batch index), so a resumed run sees exactly the samples an uninterrupted one would.
 """
@@ -15,8 +22,9 @@ import os
 import queue
 import random
 import shutil
+import sys
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async, torch as mcore_torch_strategy
 
 from megallava.model.init import unwrap
+from megallava.training import faults, fingerprint as fingerprint_mod, integrity
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -58,6 +67,7 @@ class InProcessWriter(filesystem_async.FileSystemWriterAsync):
                     results_queue.put(out)
                     return
                 results[idx] = out
+                _WRITTEN.append(bucket[0])  # checksummed by checkpoint.save
             results_queue.put(results)
 
         # The stock staging step copies GPU tensors to host memory before writing (a no-op on CPU).
@@ -66,6 +76,7 @@ class InProcessWriter(filesystem_async.FileSystemWriterAsync):
 
 
 mcore_torch_strategy.FileSystemWriterAsync = InProcessWriter
+_WRITTEN: List[str] = []  # the files this rank wrote in the current save
 
 
 def _set_states_present(self, model_param, tensors):
@@ -162,6 +173,17 @@ def _barrier():
     torch.distributed.barrier()
 
 
+class CheckpointError(faults.RunError):
+    """A checkpoint that cannot be saved or loaded; the message names the file, what is wrong and the fix."""
+
+    def __init__(self, message: str, collective: bool = False):
+        super().__init__(message)
+        self.collective = collective
+
+    def __reduce__(self):
+        return CheckpointError, (str(self), self.collective)
+
+
 def remove_partial(ckpt_dir: str) -> None:
     if torch.distributed.get_rank() == 0 and os.path.isdir(ckpt_dir):
         for name in os.listdir(ckpt_dir):
@@ -175,26 +197,93 @@ def complete_iterations(ckpt_dir: str) -> List[int]:
     return sorted(int(n[5:]) for n in os.listdir(ckpt_dir) if n.startswith("iter_") and n[5:].isdigit())
 
 
-def save(ckpt_dir: str, model: List, optimizer, scheduler, iteration: int, keep: Optional[int] = None) -> str:
-    """Save on all ranks (collective). Returns the final directory."""
+def _gather(obj) -> list:
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _latest_name(ckpt_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(ckpt_dir, LATEST)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def save(ckpt_dir: str, model: List, optimizer, scheduler, iteration: int, keep: Optional[int] = None,
+         fingerprint: Optional[Dict] = None, tokenizer: Optional[str] = None) -> str:
+    """Save on all ranks (collective). Returns the final directory.
+
+    Order: rank 0 creates ``iter_N.partial/``; every rank writes its shards and checksums them; rank 0 adds the
+    fingerprint and the tokenizer copy, writes the integrity manifest last, renames the directory and replaces
+    ``latest``. On any failure this rank removes the partial directory (it is never loaded) and raises; a full
+    disk raises a CheckpointError saying so."""
     final = os.path.join(ckpt_dir, iter_dirname(iteration))
     partial = final + ".partial"
-    if torch.distributed.get_rank() == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    _barrier()
-    sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=True, is_loading=False)
-    dist_checkpointing.save(sd, partial)
-    _barrier()
-    if torch.distributed.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)  # re-saving the same iteration replaces it
-        os.replace(partial, final)
-        _write_latest(ckpt_dir, iter_dirname(iteration))
-        _prune(ckpt_dir, keep)
-        remove_partial(ckpt_dir)
-    _barrier()
+    rank = torch.distributed.get_rank()
+    what = f"checkpoint save of iteration {iteration}"
+    try:
+        faults.note(f"{what}: creating {partial}")
+        if rank == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        _barrier()
+        sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=True, is_loading=False)
+        sd["integrity"] = integrity.MANIFEST  # a checkpoint that says this and lacks the manifest is incomplete
+        faults.note(f"{what}: writing shards (dist_checkpointing.save)")
+        _WRITTEN.clear()
+        dist_checkpointing.save(sd, partial)
+        faults.note(f"{what}: checksumming this rank's files")
+        entries = integrity.digests(partial, list(_WRITTEN))
+        if rank == 0:
+            if tokenizer:
+                fingerprint_mod.copy_tokenizer(tokenizer, partial)
+            if fingerprint is not None:
+                shapes = fingerprint_mod.saved_shapes(partial)
+                fingerprint_mod.write(partial, fingerprint, {k: list(v) for k, v in sorted(shapes.items())
+                                                             if not k.startswith(("optimizer.", "rng_state"))})
+        faults.note(f"{what}: gathering checksums")
+        gathered = _gather(entries)
+        if rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            integrity.write_manifest(partial, merged)  # checksums whatever no rank listed (common files, extras)
+            shutil.rmtree(final, ignore_errors=True)  # re-saving the same iteration replaces it
+            os.replace(partial, final)
+            _write_latest(ckpt_dir, iter_dirname(iteration))
+            _prune(ckpt_dir, keep)
+            remove_partial(ckpt_dir)
+        faults.note(f"{what}: waiting for rank 0 to publish it")
+        _barrier()
+    except BaseException as err:
+        free = shutil.disk_usage(ckpt_dir).free if os.path.isdir(ckpt_dir) else None
+        shutil.rmtree(partial, ignore_errors=True)  # frees the space now; never loaded anyway
+        latest = _latest_name(ckpt_dir)
+        after = (f"The incomplete {os.path.basename(partial)} was removed; " +
+                 (f"'{LATEST}' still names {latest}, which is intact." if latest else
+                  f"there is no earlier checkpoint in {ckpt_dir}."))
+        ranks = _failed_ranks(err)
+        on = f" on rank {', '.join(map(str, ranks))}" if ranks and ranks != [rank] else ""
+        if faults.disk_full(err, free):
+            raise CheckpointError(
+                f"no space left on device{on} while saving iteration {iteration} to {ckpt_dir} "
+                f"({(free or 0) / 2**20:.1f} MiB free here when it failed): free space, lower checkpoint.keep or set "
+                f"checkpoint.dir to a larger filesystem. {after}") from err
+        if ranks == []:  # torch DCP reports every rank's write failure on the coordinator only
+            raise CheckpointError(f"saving iteration {iteration} to {ckpt_dir} failed on some rank; rank 0's error "
+                                  f"names the cause. {after}") from err
+        raise
     return final
+
+
+def _failed_ranks(err: BaseException) -> Optional[List[int]]:
+    """The ranks a torch.distributed.checkpoint CheckpointException in ``err``'s chain blames, or None."""
+    while err is not None:
+        if isinstance(getattr(err, "failures", None), dict):
+            return sorted(err.failures)
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _write_latest(ckpt_dir: str, name: str) -> None:
@@ -222,20 +311,143 @@ def resolve(path: str) -> str:
     """``path`` is a checkpoint root (with ``latest``) or one ``iter_N`` directory."""
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    if os.path.isfile(os.path.join(path, "metadata.json")):
+        name = _latest_name(path)
+        if not name or not os.path.isdir(os.path.join(path, name)):
+            raise CheckpointError(f"{latest} names {name!r}, which is not a directory in {path}: restore it, point "
+                                  f"checkpoint.load at an iter_N directory, or set checkpoint.fallback=true",
+                                  collective=True)
+        return os.path.join(path, name)
+    if os.path.isfile(os.path.join(path, "metadata.json")) or os.path.isfile(os.path.join(path, integrity.MANIFEST)):
         return path
-    raise FileNotFoundError(f"checkpoint.load={path}: no '{LATEST}' file and not a checkpoint directory "
-                            f"(expected {path}/{LATEST} or {path}/metadata.json)")
+    raise CheckpointError(f"checkpoint.load={path}: no '{LATEST}' file and not a checkpoint directory "
+                          f"(expected {path}/{LATEST} or {path}/metadata.json)", collective=True)
 
 
-def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = True) -> int:
+def _candidates(path: str, fallback: bool) -> List[str]:
+    """The checkpoint to load, then (with ``fallback``, for a root with ``latest``) the older complete ones."""
+    if not fallback or not os.path.isfile(os.path.join(path, LATEST)):
+        return [resolve(path)]
+    name = _latest_name(path)
+    first = [os.path.join(path, name)] if name else []
+    older = [os.path.join(path, iter_dirname(i)) for i in reversed(complete_iterations(path))]
+    return first + [d for d in older if d not in first and (not name or os.path.basename(d) < name)]
+
+
+def _local_problems(ckpt: str, rank: int, world: int) -> Tuple[List[str], bool]:
+    """(this rank's share of the problems of ``ckpt``, whether it has a manifest at all)."""
+    if not os.path.isdir(ckpt):
+        return [f"{ckpt} does not exist"], True
+    try:
+        manifest = integrity.read_manifest(ckpt)
+    except ValueError as e:
+        return [str(e)], True
+    if manifest is None:
+        common_path = os.path.join(ckpt, "common.pt")
+        if not os.path.isfile(common_path):
+            return [f"{common_path} is missing (and there is no {integrity.MANIFEST}: the save never completed)"], True
+        try:
+            common = torch.load(common_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
+            return [f"{common_path} is unreadable ({type(e).__name__}: {e})"], True
+        if isinstance(common, dict) and common.get("integrity"):
+            return [f"{os.path.join(ckpt, integrity.MANIFEST)} is missing: the checkpoint was written with "
+                    f"checksums but has lost them (a partial copy?)"], True
+        return [], False  # converted or older checkpoint: nothing to verify against
+    return integrity.check(ckpt, integrity.share(manifest, rank, world)), True
+
+
+def verify(ckpt: str) -> List[str]:
+    """Collective: every problem of ``ckpt`` (missing files, wrong sizes, wrong checksums), the same on every rank;
+    each rank checks a round-robin share of the files (see training/integrity.py for the cost)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    problems, has_manifest = _local_problems(ckpt, rank, world)
+    gathered = _gather((problems, has_manifest))
+    if not all(h for _, h in gathered) and rank == 0:
+        print(f"warning: {ckpt} has no {integrity.MANIFEST} (converted or written by an older megallava): its files "
+              f"cannot be verified before loading", file=sys.stderr, flush=True)
+    return sorted({p for ps, _ in gathered for p in ps})
+
+
+def select(path: str, fallback: bool = False) -> str:
+    """Collective: the checkpoint to load from ``path``: the one ``path`` names if it is intact; with ``fallback``
+    the newest intact one (loudly), else a CheckpointError naming each damaged file and the fix."""
+    try:
+        candidates = _candidates(path, fallback)
+    except CheckpointError:
+        if not fallback:
+            raise
+        candidates = [os.path.join(path, iter_dirname(i)) for i in reversed(complete_iterations(path))]
+    rejected = []
+    for ckpt in candidates:
+        faults.note(f"verifying checkpoint {ckpt}")
+        problems = verify(ckpt)
+        if not problems:
+            if rejected and torch.distributed.get_rank() == 0:
+                print("WARNING: checkpoint.fallback=true: " + "; ".join(
+                    f"{c} is damaged or incomplete ({'; '.join(p)})" for c, p in rejected) +
+                    f". LOADING THE OLDER {ckpt} INSTEAD: the iterations after it will be trained again.",
+                    file=sys.stderr, flush=True)
+            return ckpt
+        if not fallback:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged or incomplete:\n" +
+                                  "".join(f"  - {p}\n" for p in problems) +
+                                  f"Restore these files, load an older checkpoint (checkpoint.load={path}/iter_N), or "
+                                  f"set checkpoint.fallback=true to load the newest intact one.", collective=True)
+        rejected.append((ckpt, problems))
+    raise CheckpointError(f"no intact checkpoint in {path}: " + "; ".join(
+        f"{c}: {'; '.join(p)}" for c, p in rejected) if rejected else f"no checkpoint in {path}", collective=True)
+
+
+def _refuse(ckpt: str, problems: List[str], weights_only: bool) -> None:
+    how = "use a model of the checkpoint's shape" if weights_only else "train with the checkpoint's settings"
+    raise CheckpointError(f"checkpoint {ckpt} does not match this run:\n" + "".join(f"  - {p}\n" for p in problems) +
+                          f"Fix: {how}, or start from scratch (no checkpoint.load)" +
+                          ("" if weights_only else "; a weights-only load (checkpoint.load_optimizer=false) accepts a "
+                           "new tokenizer or non-shape settings with a warning"), collective=True)
+
+
+def check_fingerprint(ckpt: str, fingerprint: Dict, load_optimizer: bool = True) -> None:
+    """Refuse ``ckpt`` if its fingerprint differs from this run's (``fingerprint.model_fingerprint(cfg)``): every
+    difference on a resume; vocab_size / image_token_id on a weights-only load, which only warns about the rest.
+    Needs no model (run it before building one); every rank reads the same files, so all decide alike."""
+    saved = fingerprint_mod.read(ckpt)
+    if saved is None:
+        return  # converted or older checkpoint: the tensor shapes are still checked at load
+    weights_only = not load_optimizer or bool(dist_checkpointing.load_common_state_dict(ckpt).get("weights_only"))
+    errors, warnings = fingerprint_mod.compare(saved, fingerprint, weights_only)
+    if warnings and torch.distributed.get_rank() == 0:
+        print(f"warning: loading weights only from {ckpt}, which was trained with a different setup:\n" +
+              "".join(f"  - {w}\n" for w in warnings), file=sys.stderr, flush=True)
+    if errors:
+        _refuse(ckpt, errors, weights_only)
+
+
+def _check_shapes(ckpt: str, sd: Dict, weights_only: bool) -> None:
+    """Collective: refuse a checkpoint whose tensors do not have this model's global shapes (each rank checks its
+    own tensors against the checkpoint's DCP metadata; the problems are gathered)."""
+    model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
+    mine = fingerprint_mod.shape_problems(fingerprint_mod.sharded_shapes(model_sd), fingerprint_mod.saved_shapes(ckpt))
+    problems = list(dict.fromkeys(p for ps in _gather(mine) for p in ps))
+    if problems:
+        _refuse(ckpt, problems, weights_only)
+
+
+def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = True,
+         fingerprint: Optional[Dict] = None, fallback: bool = False, verified: bool = False) -> int:
     """Load a checkpoint saved at any layout; returns the iteration to resume after. Optimizer, scheduler and RNG
     state are restored when ``load_optimizer``; RNG only when the layout is unchanged (it is per TP/PP rank).
     A weights-only checkpoint (``"weights_only": True`` in its common state, e.g. from tools/convert_checkpoint.py)
-    loads its weights only and starts at iteration 0, whatever ``load_optimizer`` says."""
-    ckpt = resolve(path)
+    loads its weights only and starts at iteration 0, whatever ``load_optimizer`` says.
+
+    Before anything is read into the model: the files are verified against the integrity manifest (``select``:
+    damaged -> CheckpointError, or with ``fallback`` the newest intact checkpoint), the fingerprint is compared with
+    this run's (``fingerprint``: ``fingerprint.model_fingerprint(cfg)``), and the tensor shapes with the model's.
+    ``verified``: ``path`` is the iter directory ``select`` returned and ``check_fingerprint`` passed (the trainer
+    does both before building the model)."""
+    ckpt = path if verified else select(path, fallback)
+    if fingerprint is not None and not verified:
+        check_fingerprint(ckpt, fingerprint, load_optimizer)
+    faults.note(f"loading checkpoint {ckpt}")
     common = dist_checkpointing.load_common_state_dict(ckpt)
     weights_only = bool(common.get("weights_only", False))
     if weights_only:
@@ -246,6 +458,7 @@ def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = Tr
         _materialise_optimizer_state(optimizer)
     sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=load_optimizer,
                              is_loading=True)
+    _check_shapes(ckpt, sd, weights_only=not load_optimizer)
     if not same_layout:
         del sd["rng"]
     try:

@@ -85,6 +85,31 @@ def train_step(model: List, optimizer, scheduler, data_iterators: List[Optional[
             "update_ok": bool(update_ok)}
 
 
+@torch.no_grad()
+def eval_step(model: List, data_iterators: List[Optional[object]], num_microbatches: int, micro_batch_size: int,
+              seq_length: int, num_sources: int = 0) -> torch.Tensor:
+    """Forward-only pass over one global batch of held-out data (megatron's schedule with forward_only=True, the
+    training forward and loss): [loss sum, trained tokens, per-source loss sums, per-source token counts], identical
+    on every rank. Dropout is off (eval mode) and nothing is accumulated, so it does not touch the training state."""
+    for m in model:
+        m.eval()
+    config = model[0].config
+    if not config.variable_seq_lengths:
+        data_iterators, seq_length, micro_batch_size = _pad_step_to_common_shape(
+            data_iterators, num_microbatches, config.sequence_parallel)
+    try:
+        losses = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, num_sources=num_sources),
+            data_iterator=data_iterators if len(model) > 1 else data_iterators[0],
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+            forward_only=True)
+    finally:
+        for m in model:
+            m.train()
+    return _global_loss_stats(losses, 2 * num_sources)
+
+
 def _pad_step_to_common_shape(data_iterators, num_microbatches: int, sequence_parallel: bool):
     """Static pipeline shapes for the interleaved schedule: fetch this step's micro-batches, agree on the longest
     and on the most rows over the pipeline group (middle stages read no data unless packing, and then contribute

@@ -1,5 +1,6 @@
 """Training entry point: ``torchrun --nproc-per-node N -m megallava.train --config FILE [key=value ...]``."""
 import argparse
+import os
 import sys
 import time
 
@@ -60,81 +61,202 @@ def data_metrics_layout(cfg):
     return source_names(cfg), list(SKIP_REASONS)
 
 
+def truncate_metrics(run_dir: str, after: int) -> None:
+    """metrics.jsonl stays one history across restarts: a run that starts after iteration ``after`` (0 = fresh)
+    drops the lines a previous run logged past that point (they are about to be trained again)."""
+    import json
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["iteration"]) <= after:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut off by a crash
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def _purge_tensorboard(metrics, after: int) -> None:
+    """TensorBoard's own restart marker (SummaryWriter's purge_step): hide events of a previous run past ``after``."""
+    tb = getattr(metrics, "_tb", None)
+    if tb is None:
+        return
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    tb.file_writer.add_event(Event(step=after + 1, session_log=SessionLog(status=SessionLog.START)))
+
+
 def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     """Train up to ``cfg.train.iters`` iterations (resuming from ``checkpoint.load``); returns this run's
-    per-iteration records (on every rank)."""
+    per-iteration records (on every rank).
+
+    Every phase runs under the watchdog (training/faults.py): start-up (rendezvous, preflight, model build,
+    checkpoint load, first iteration) within ``train.startup_timeout_s``, each later iteration within
+    ``train.fault_timeout_s`` plus twice the slowest iteration so far, each save within ``checkpoint.timeout_s``;
+    collectives time out after the same budgets. Raises on failure (``main`` turns that into a bounded exit)."""
+    from megallava.training import faults
+    from megallava.training.preemption import PreemptionHandler
+
+    own_watchdog = faults.watchdog() is None
+    faults.set_rank(env.rank)
+    faults.start_watchdog(env.rank)
+    locks, unregister = [], []
+    loader = lambda: sys.modules.get("megallava.data.loader")  # noqa: E731 - imported only for shard data
+    # Installed before the loader workers fork, so that they inherit a SIGTERM handler until their own SIG_IGN.
+    preemption = PreemptionHandler(enabled=cfg.checkpoint.dir is not None)
+    try:
+        records = _run(cfg, env, on_iteration, locks, unregister, preemption)
+        if loader():
+            loader().close_all()
+        return records
+    except BaseException:
+        if loader():
+            loader().kill_workers()  # never wait on them on the error path
+        raise
+    finally:
+        preemption.restore()
+        for lock in locks:
+            lock.release()
+        for fn in unregister:
+            fn()
+        if own_watchdog:
+            faults.stop_watchdog()
+
+
+def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     from megatron.core import parallel_state
     from megallava.model.build import build_chunks
-    from megallava.training import checkpoint, flops
+    from megallava.training import checkpoint, faults, flops, preflight
+    from megallava.training.data_health import SkipLog, SkipMonitor
+    from megallava.training.fingerprint import model_fingerprint
     from megallava.training.metrics import MetricsWriter
     from megallava.training.optimizer import build_optimizer, sync_params, wrap_ddp
-    from megallava.training.preemption import PreemptionHandler
     from megallava.training.step import train_step
 
-    p, ck = cfg.parallel, cfg.checkpoint
-    init_distributed(p.tp, p.pp, p.vpp, cfg.train.seed, env)
+    p, ck, t = cfg.parallel, cfg.checkpoint, cfg.train
+    faults.watchdog().arm("start-up: rendezvous (init_process_group)", t.startup_timeout_s)
+    init_distributed(p.tp, p.pp, p.vpp, t.seed, env, timeout_s=t.startup_timeout_s)
+    faults.set_collective_timeout(t.startup_timeout_s)  # megatron's subgroups too
     rank0 = torch.distributed.get_rank() == 0
+    faults.note("start-up: preflight checks (directories, locks, free space, shards, seq_length)")
+    locks += preflight.check(cfg, env)
+    for lock in locks:
+        faults.watchdog().heartbeat(lock.refresh)
+        unregister.append(faults.on_hard_exit(lock.release))
     if rank0:
-        C.dump_yaml(cfg, f"{cfg.train.run_dir}/config.yaml")
+        C.dump_yaml(cfg, f"{t.run_dir}/config.yaml")
+    fingerprint = model_fingerprint(cfg)
+    if ck.load:  # damaged, incomplete or another model's: refused before minutes go into building a model
+        faults.note(f"start-up: verifying checkpoint {ck.load}")
+        to_load = checkpoint.select(ck.load, ck.fallback)
+        checkpoint.check_fingerprint(to_load, fingerprint, ck.load_optimizer)
+    faults.note("start-up: building the model")
     chunks = build_chunks(cfg)
     model = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(model, cfg)
-    start = checkpoint.load(ck.load, model, optimizer, scheduler, ck.load_optimizer) if ck.load else 0
+    start = 0
+    if ck.load:
+        faults.note(f"start-up: loading checkpoint {to_load}")
+        start = checkpoint.load(to_load, model, optimizer, scheduler, ck.load_optimizer, verified=True)
+    faults.note("start-up: starting the data loaders")
     dp_size = parallel_state.get_data_parallel_world_size()
     iterators = data_iterators(cfg, chunks, parallel_state.get_data_parallel_rank(), dp_size, start)
     # Count what the token-reading chunk consumes: real (unpadded) tokens and images drive FLOPs and MFU.
     counter = None
     if chunks[0].pre_process:
         iterators[0] = counter = flops.BatchCounter(iterators[0])
-    peak_tflops = flops.peak_tflops_per_gpu(cfg.train.peak_tflops)
+    skip_log = None
+    if cfg.data.source == "shards" and chunks[-1].post_process:  # every sample is read once on its last stage
+        iterators[-1] = skip_log = SkipLog(iterators[-1], log=parallel_state.get_tensor_model_parallel_rank() == 0)
+    injector = faults.FaultInjector(env.rank)
+    if injector:
+        k = next((i for i, it in enumerate(iterators) if it is not None), None)
+        if k is not None:
+            iterators[k] = injector.wrap(iterators[k])
+    peak_tflops = flops.peak_tflops_per_gpu(t.peak_tflops)
     n_micro = C.num_microbatches(cfg, env.world_size)
     sources, skip_reasons = data_metrics_layout(cfg)
     skip_counter = None
     if skip_reasons:
         from megallava.data.loader import skip_counts as skip_counter
     skipped_total = dict.fromkeys(skip_reasons, 0)
-    metrics = MetricsWriter(cfg.train.run_dir, enabled=rank0)
-    preemption = PreemptionHandler(enabled=ck.dir is not None)
-    records = []
-    for iteration in range(start + 1, cfg.train.iters + 1):
-        t0 = time.perf_counter()
-        out = train_step(model, optimizer, scheduler, iterators, n_micro, cfg.train.micro_batch_size,
-                         cfg.data.seq_length, len(sources), skip_counter, len(skip_reasons))
-        step_time = time.perf_counter() - t0
-        stats = out["loss_stats"].tolist()
-        loss_sum, tokens = stats[:2]
-        record = {"iteration": iteration, "loss": loss_sum / max(tokens, 1.0), "lr": out["lr"],
-                  "grad_norm": out["grad_norm"], "trained_tokens": int(tokens), "step_time_s": step_time}
-        n = len(sources)
-        for i, name in enumerate(sources):  # per-source loss over that source's trained tokens (null if none)
-            record[f"loss/{name}"] = stats[2 + i] / stats[2 + n + i] if stats[2 + n + i] else None
-            record[f"trained_tokens/{name}"] = int(stats[2 + n + i])
-        for i, reason in enumerate(skip_reasons):  # cumulative skipped samples by reason
-            skipped_total[reason] += int(stats[2 + 2 * n + i])
-            record[f"skipped_{reason}"] = skipped_total[reason]
-        record.update(flops.step_metrics(cfg, counter, step_time, peak_tflops))  # collective, every rank
-        records.append(record)
-        if iteration % cfg.train.log_interval == 0 or iteration == cfg.train.iters:
-            metrics.log(record, total=cfg.train.iters)
-        if on_iteration is not None:
-            on_iteration(iteration, model, out)
-        stop = (preemption.should_stop() if ck.dir else False) or iteration == cfg.train.exit_interval
-        if ck.dir and (stop or (ck.interval and iteration % ck.interval == 0) or iteration == cfg.train.iters):
-            sync_params(model, cfg)
-            checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep)
+    monitor = SkipMonitor(cfg.data.max_skip_fraction, t.global_batch_size, skip_reasons, skip_log)
+    if rank0:
+        truncate_metrics(t.run_dir, start)
+    metrics = MetricsWriter(t.run_dir, enabled=rank0)
+    if start:
+        _purge_tensorboard(metrics, start)
+    faults.watchdog().disarm()  # the first iteration has the start-up budget, every phase below its own
+    records, slowest, collective_s = [], 0.0, t.startup_timeout_s
+    for iteration in range(start + 1, t.iters + 1):
+        first = iteration == start + 1
+        budget = t.startup_timeout_s if first else t.fault_timeout_s + 2 * slowest
+        with faults.phase(f"iteration {iteration} (forward/backward, gradient reduction, optimizer step)", budget):
+            injector.start_iteration(iteration)
+            t0 = time.perf_counter()
+            out = train_step(model, optimizer, scheduler, iterators, n_micro, t.micro_batch_size,
+                             cfg.data.seq_length, len(sources), skip_counter, len(skip_reasons))
+            step_time = time.perf_counter() - t0
+            stats = out["loss_stats"].tolist()
+            loss_sum, tokens = stats[:2]
+            record = {"iteration": iteration, "loss": loss_sum / max(tokens, 1.0), "lr": out["lr"],
+                      "grad_norm": out["grad_norm"], "trained_tokens": int(tokens), "step_time_s": step_time}
+            n = len(sources)
+            for i, name in enumerate(sources):  # per-source loss over that source's trained tokens (null if none)
+                record[f"loss/{name}"] = stats[2 + i] / stats[2 + n + i] if stats[2 + n + i] else None
+                record[f"trained_tokens/{name}"] = int(stats[2 + n + i])
+            skipped_now = {}
+            for i, reason in enumerate(skip_reasons):  # cumulative skipped samples by reason
+                skipped_now[reason] = int(stats[2 + 2 * n + i])
+                skipped_total[reason] += skipped_now[reason]
+                record[f"skipped_{reason}"] = skipped_total[reason]
+            faults.note(f"iteration {iteration}: metrics (all-reduce)")
+            record.update(flops.step_metrics(cfg, counter, step_time, peak_tflops))  # collective, every rank
+            records.append(record)
+            if iteration % t.log_interval == 0 or iteration == t.iters:
+                metrics.log(record, total=t.iters)
+            monitor.check(iteration, int(tokens), skipped_now)  # collective when it raises
+            if on_iteration is not None:
+                on_iteration(iteration, model, out)
+            faults.note(f"iteration {iteration}: SIGTERM agreement (all-reduce)")
+            stop = (preemption.should_stop() if ck.dir else False) or iteration == t.exit_interval
+            slowest = max(slowest, time.perf_counter() - t0) if not first else slowest
+        if first:  # past kernel compilation and warm-up: peers now answer within fault_timeout_s
+            collective_s = t.fault_timeout_s
+            faults.set_collective_timeout(collective_s)
+        if ck.dir and (stop or (ck.interval and iteration % ck.interval == 0) or iteration == t.iters):
+            with faults.phase(f"checkpoint save of iteration {iteration}", ck.timeout_s), \
+                    faults.collective_timeout(ck.timeout_s, restore=collective_s), injector.saving(iteration):
+                sync_params(model, cfg)
+                checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep, fingerprint=fingerprint,
+                                tokenizer=cfg.data.tokenizer)
         if stop:
             if rank0:
                 print(f"stopping after iteration {iteration}" + (f"; saved to {ck.dir}" if ck.dir else ""), flush=True)
             break
-    sync_params(model, cfg)
-    preemption.restore()
+    with faults.phase("final parameter sync", t.fault_timeout_s + 2 * slowest):
+        sync_params(model, cfg)
     metrics.close()
     return records
 
 
 def main(argv=None) -> int:
+    """The command line. A failure on any rank ends this process within a bounded time with a non-zero status
+    (see training/faults.py): it never returns then, it exits (os._exit), so that nothing waits on a dead peer or
+    on data-loader workers that ignore SIGTERM."""
+    from megallava.training import faults
+
     argv = sys.argv[1:] if argv is None else argv
     env = launch_env()
+    faults.set_rank(env.rank)
     try:
         cfg = load_and_validate(argv, env)
     except C.ConfigError as err:
@@ -142,11 +264,22 @@ def main(argv=None) -> int:
         if env.rank == 0:
             print(f"megallava.train: {err}", file=sys.stderr)
         return 2
+    faults.start_watchdog(env.rank, backstop=True)
     try:
         run(cfg, env)
-    finally:
-        if torch.distributed.is_initialized():
-            shutdown()
+        with faults.phase("shutdown (destroying process groups)", cfg.train.fault_timeout_s):
+            if torch.distributed.is_initialized():
+                shutdown()
+    except BaseException as err:  # noqa: BLE001 - every failure ends the process the same bounded way
+        code = faults.report(err, env.rank, faults.failed_phase())
+        if os.environ.get("TORCHELASTIC_ERROR_FILE") and not faults.lost_peer(err):
+            try:  # torchrun's failure summary then shows this rank's error, not "To enable traceback see ..."
+                from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+                ErrorHandler().record_exception(err)
+            except Exception:  # noqa: BLE001 - never let the report stop the exit
+                pass
+        faults.hard_exit(code)
+    faults.stop_watchdog()
     return 0
 
 
