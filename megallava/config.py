@@ -147,9 +147,15 @@ class DataConfig:
 class CheckpointConfig:
     dir: Optional[str] = None
     interval: int = 0                                # 0 = only at the end (when dir is set)
-    load: Optional[str] = None                       # a checkpoint root (uses its `latest`) or one iter_N dir
+    load: Optional[str] = None                       # a checkpoint root (uses its `latest`), one iter_N dir, or
+                                                     # "auto": checkpoint.dir's latest if any, else start fresh
     keep: Optional[int] = None                       # keep only the newest N checkpoints (None = all)
     load_optimizer: bool = True                      # false = weights-only resume (e.g. after a layout change)
+    finetune: bool = False                           # weights from checkpoint.load, then iteration 0 with a fresh
+                                                     # optimizer, LR schedule and data order (Megatron's --finetune)
+    load_projector: Optional[str] = None             # then the projector only from this checkpoint (LLaVA's
+                                                     # --pretrain_mm_mlp_adapter: a stage-1 projector, another LLM)
+    overwrite: bool = False                          # allow starting over a checkpoint.dir that holds checkpoints
     fallback: bool = False                           # latest damaged/incomplete: load the newest intact one (loudly)
     timeout_s: float = 900.0                         # longest one save (write + checksums) may take on any rank
 
@@ -263,6 +269,10 @@ def _set(obj: Any, name: str, value: Any, key: str, problems: list[str], raw: st
             return
         _apply_mapping(getattr(obj, name), value, key + ".", problems)
         return
+    if value is None and typing.get_origin(hint) is not Union:  # `key=null` unsets a key: back to its default
+        f = next(f for f in dataclasses.fields(obj) if f.name == name)
+        setattr(obj, name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        return
     coerced = _coerce(value, hint, raw)
     if coerced is _BAD:
         problems.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
@@ -329,7 +339,18 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
         _apply_override(cfg, text, problems)
     if problems:
         raise ConfigError(problems)
+    expand_paths(cfg)
     return cfg
+
+
+def expand_paths(cfg: Config) -> None:
+    """``${VAR}`` / ``$VAR`` in train.run_dir and the checkpoint paths are filled from the environment (e.g.
+    ``runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}``); a variable that is not set stays and ``validate`` names it."""
+    cfg.train.run_dir = os.path.expandvars(cfg.train.run_dir)
+    for name in ("dir", "load", "load_projector"):
+        value = getattr(cfg.checkpoint, name)
+        if isinstance(value, str):
+            setattr(cfg.checkpoint, name, os.path.expandvars(value))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -595,8 +616,24 @@ def _validate_checkpoint(cfg: Config, p: _Checks) -> None:
         p.at_least("checkpoint.keep", ck.keep, 1, " (or null to keep every checkpoint)")
     if ck.interval and not ck.dir:
         p.append(f"checkpoint.interval={ck.interval} needs checkpoint.dir (where to save)")
-    if ck.load is not None and not os.path.exists(ck.load):
+    if ck.load == "auto":
+        if not ck.dir:
+            p.append("checkpoint.load=auto resumes from checkpoint.dir: set checkpoint.dir")
+        if ck.finetune:
+            p.append("checkpoint.finetune=true with checkpoint.load=auto would restart every requeue at iteration 0: "
+                     "fine-tune from a fixed checkpoint.load, or resume with finetune=false")
+    elif ck.load is not None and not os.path.exists(ck.load):
         p.append(f"checkpoint.load={ck.load} does not exist")
+    if ck.finetune and not ck.load:
+        p.append("checkpoint.finetune=true needs checkpoint.load (the weights to start from)")
+    if ck.load_projector is not None and not os.path.exists(ck.load_projector):
+        p.append(f"checkpoint.load_projector={ck.load_projector} does not exist")
+    for key in ("train.run_dir", "checkpoint.dir", "checkpoint.load", "checkpoint.load_projector"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and "$" in value:
+            p.append(f"{key}={value}: the environment variable in it is not set (templates such as "
+                     f"runs/${{SLURM_JOB_NAME}}-${{SLURM_JOB_ID}} are filled from the environment)")
 
 
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

@@ -24,7 +24,7 @@ import random
 import shutil
 import sys
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Sequence, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -98,6 +98,27 @@ _original_set_states = _DistOpt._set_main_param_and_optimizer_states
 _DistOpt._set_main_param_and_optimizer_states = _set_states_present
 
 
+def _state_dict_any_rank(self):
+    """megatron-core 0.16 asserts that torch Adam's per-param 'step' has one value on this rank; a rank that trains
+    nothing (a later pipeline stage in stage 1, where only the projector on stage 0 trains) has no state and failed
+    every save there. Such a rank reports step 0: only rank 0's copy of this common state is saved, and on load an
+    empty rank has no parameter to step. It reports the step the others report (the scheduler's update count,
+    ``_STEP``), so that all ranks' common state agrees."""
+    inner = getattr(self, "optimizer", None)
+    if inner is None or inner.state or not isinstance(inner, torch.optim.Optimizer):
+        return _original_state_dict(self)
+    inner.state["_megallava_no_params"] = {"step": torch.tensor(float(_STEP[0]))}
+    try:
+        return _original_state_dict(self)
+    finally:
+        del inner.state["_megallava_no_params"]
+
+
+_STEP = [0]
+_original_state_dict = _DistOpt.state_dict
+_DistOpt.state_dict = _state_dict_any_rank
+
+
 def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
@@ -151,16 +172,37 @@ def _without_extra_state(model_sd: Dict) -> Dict:
     return {k: v for k, v in model_sd.items() if not k.endswith("._extra_state")}
 
 
+def _drop_empty_param_state(opt_sd):
+    """A rank that trains nothing has an empty ``param_state`` (its distributed-optimizer shard): drop it, so it is
+    neither saved as a rank-specific "common" entry (megatron then warns that common states differ) nor looked for
+    on load."""
+    from megallava.training.fingerprint import sharded_shapes
+
+    parts = opt_sd.values() if isinstance(opt_sd, dict) and "param_state" not in opt_sd else [opt_sd]
+    for part in parts:
+        if isinstance(part, dict) and "param_state" in part and not sharded_shapes({"p": part["param_state"]}):
+            del part["param_state"]
+    return opt_sd
+
+
+def _trainable(entry) -> bool:
+    data = getattr(entry, "data", None)
+    return bool(getattr(data, "requires_grad", False))
+
+
 def _sharded_state_dict(model: List, optimizer, scheduler, iteration: int, with_optimizer: bool,
-                        is_loading: bool) -> Dict:
+                        is_loading: bool, keep=None) -> Dict:
+    """``keep(entry)``: which model entries to include (default: all)."""
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     sd = {"format_version": FORMAT_VERSION, "iteration": iteration, "layout": _layout()}
     for i, m in enumerate(model):  # keys of the bare chunk: the DDP wrapper would add "module."
-        sd[f"model{i}" if len(model) > 1 else "model"] = _without_extra_state(
-            unwrap(m).sharded_state_dict(metadata=metadata))
+        part = _without_extra_state(unwrap(m).sharded_state_dict(metadata=metadata))
+        sd[f"model{i}" if len(model) > 1 else "model"] = {k: v for k, v in part.items() if keep is None or keep(v)}
     if with_optimizer:
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        _STEP[0] = scheduler.num_steps
+        sd["optimizer"] = _drop_empty_param_state(
+            optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata))
         sd["scheduler"] = scheduler.state_dict()
     # RNG differs per (pp, tp) position; DP replicas hold the same state, so dp rank 0 writes it.
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
@@ -212,8 +254,14 @@ def _latest_name(ckpt_dir: str) -> Optional[str]:
 
 
 def save(ckpt_dir: str, model: List, optimizer, scheduler, iteration: int, keep: Optional[int] = None,
-         fingerprint: Optional[Dict] = None, tokenizer: Optional[str] = None) -> str:
+         fingerprint: Optional[Dict] = None, tokenizer: Optional[str] = None, lora_base: Optional[str] = None,
+         extra_files: Sequence[str] = ()) -> str:
     """Save on all ranks (collective). Returns the final directory.
+
+    ``lora_base``: the checkpoint a LoRA run's frozen weights came from; then only the trained parameters (adapters,
+    projector) and the optimizer are written, plus that path (a LoRA-64 33B checkpoint is ~1 GB instead of ~66 GB;
+    ``load`` reads the frozen weights from the base again). ``extra_files`` (rank 0) are copied into the iteration
+    directory (the run's config.yaml, so the checkpoint alone describes the model for export and generation).
 
     Order: rank 0 creates ``iter_N.partial/``; every rank writes its shards and checksums them; rank 0 adds the
     fingerprint and the tokenizer copy, writes the integrity manifest last, renames the directory and replaces
@@ -230,7 +278,12 @@ def save(ckpt_dir: str, model: List, optimizer, scheduler, iteration: int, keep:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
         _barrier()
-        sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=True, is_loading=False)
+        sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=True, is_loading=False,
+                                 keep=_trainable if lora_base else None)
+        if lora_base:
+            sd["lora_base"] = os.path.abspath(lora_base)
+        if hf_source.get():
+            sd["hf_source"] = hf_source.get()
         sd["integrity"] = integrity.MANIFEST  # a checkpoint that says this and lacks the manifest is incomplete
         faults.note(f"{what}: writing shards (dist_checkpointing.save)")
         _WRITTEN.clear()
@@ -238,6 +291,9 @@ def save(ckpt_dir: str, model: List, optimizer, scheduler, iteration: int, keep:
         faults.note(f"{what}: checksumming this rank's files")
         entries = integrity.digests(partial, list(_WRITTEN))
         if rank == 0:
+            for path in extra_files:
+                if os.path.isfile(path):
+                    shutil.copy2(path, os.path.join(partial, os.path.basename(path)))
             if tokenizer:
                 fingerprint_mod.copy_tokenizer(tokenizer, partial)
             if fingerprint is not None:
@@ -432,8 +488,13 @@ def _check_shapes(ckpt: str, sd: Dict, weights_only: bool) -> None:
         _refuse(ckpt, problems, weights_only)
 
 
+def _is_adapter(key: str) -> bool:
+    return key.endswith((".lora_a", ".lora_b"))
+
+
 def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = True,
-         fingerprint: Optional[Dict] = None, fallback: bool = False, verified: bool = False) -> int:
+         fingerprint: Optional[Dict] = None, fallback: bool = False, verified: bool = False,
+         finetune: bool = False, only: Optional[Tuple[str, ...]] = None) -> int:
     """Load a checkpoint saved at any layout; returns the iteration to resume after. Optimizer, scheduler and RNG
     state are restored when ``load_optimizer``; RNG only when the layout is unchanged (it is per TP/PP rank).
     A weights-only checkpoint (``"weights_only": True`` in its common state, e.g. from tools/convert_checkpoint.py)
@@ -443,35 +504,63 @@ def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = Tr
     damaged -> CheckpointError, or with ``fallback`` the newest intact checkpoint), the fingerprint is compared with
     this run's (``fingerprint``: ``fingerprint.model_fingerprint(cfg)``), and the tensor shapes with the model's.
     ``verified``: ``path`` is the iter directory ``select`` returned and ``check_fingerprint`` passed (the trainer
-    does both before building the model)."""
+    does both before building the model).
+
+    ``finetune``: weights only, and the run starts at iteration 0 (returns 0). ``only``: load just the model
+    entries whose names start with one of these prefixes (e.g. ("projector.",)), weights only. LoRA: adapters
+    missing from a checkpoint (a base model) keep their initialisation (B = 0) on a weights-only load; a LoRA
+    checkpoint that holds only the trained parameters (saved with ``lora_base``) first loads the frozen weights from
+    that base."""
     ckpt = path if verified else select(path, fallback)
     if fingerprint is not None and not verified:
-        check_fingerprint(ckpt, fingerprint, load_optimizer)
+        check_fingerprint(ckpt, fingerprint, load_optimizer and not finetune and not only)
     faults.note(f"loading checkpoint {ckpt}")
     common = dist_checkpointing.load_common_state_dict(ckpt)
-    weights_only = bool(common.get("weights_only", False))
+    weights_only = bool(common.get("weights_only", False)) or finetune or bool(only)
     if weights_only:
         load_optimizer = False
+    if common.get("hf_source") and not only:
+        hf_source.set(common["hf_source"])
+    base = common.get("lora_base")
+    if base and not only:
+        if not os.path.exists(base):
+            raise CheckpointError(f"LoRA checkpoint {ckpt} holds only the trained parameters; its frozen weights come "
+                                  f"from {base}, which does not exist: restore it (the path is in its common.pt)",
+                                  collective=True)
+        faults.note(f"loading the frozen base weights of {ckpt} from {base}")
+        load(base, model, None, None, load_optimizer=False)
     saved_layout, iteration = common.get("layout"), 0 if weights_only else int(common["iteration"])
     same_layout = not weights_only and saved_layout == _layout()
     if load_optimizer:
         _materialise_optimizer_state(optimizer)
     sd = _sharded_state_dict(model, optimizer, scheduler, iteration, with_optimizer=load_optimizer,
                              is_loading=True)
+    present = set(fingerprint_mod.saved_shapes(ckpt))
+    skipped = set()
+    for part, entries in [(k, v) for k, v in sd.items() if k.startswith("model")]:
+        for local, entry in list(entries.items()):
+            absent = not set(fingerprint_mod.sharded_shapes({local: entry})) <= present
+            if (only and not local.startswith(only)) or (absent and base and not _trainable(entry)) or \
+                    (absent and not load_optimizer and _is_adapter(local)):
+                del entries[local]
+                skipped.add(local)
     _check_shapes(ckpt, sd, weights_only=not load_optimizer)
     if not same_layout:
         del sd["rng"]
     try:
         loaded = dist_checkpointing.load(sd, ckpt)
     except Exception as err:  # noqa: BLE001 - re-raised with the fix named
-        if load_optimizer and not same_layout:
-            raise RuntimeError(
-                f"could not load optimizer state from {ckpt} (saved at {saved_layout}, now {_layout()}): {err}. "
-                f"Resume with weights only: checkpoint.load_optimizer=false") from err
+        if load_optimizer:
+            why = (f"saved at {saved_layout}, now {_layout()}" if not same_layout else
+                   "it trained other parameters than this run does, e.g. stage 1 -> stage 2, or LoRA <-> full")
+            raise CheckpointError(
+                f"could not load the optimizer state of {ckpt} ({why}): {str(err).splitlines()[-1][:300]}. "
+                f"Start a new stage from its weights with checkpoint.finetune=true, or resume with weights only: "
+                f"checkpoint.load_optimizer=false", collective=True) from err
         raise
     for i, m in enumerate(model):
         result = unwrap(m).load_state_dict(loaded[f"model{i}" if len(model) > 1 else "model"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
+        missing = [k for k in result.missing_keys if not k.endswith("._extra_state") and k not in skipped]
         if missing or result.unexpected_keys:
             raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing}, "
                                f"unexpected {list(result.unexpected_keys)}")
@@ -481,4 +570,36 @@ def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = Tr
         scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             _set_rng_state(loaded["rng"])
-    return iteration
+    return 0 if finetune else iteration
+
+
+def saved_iteration(ckpt: str) -> int:
+    """The iteration a checkpoint was saved after (0 for a weights-only, e.g. converted, checkpoint)."""
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    return 0 if common.get("weights_only") else int(common.get("iteration", 0))
+
+
+def lora_base_for(ckpt: Optional[str]) -> Optional[str]:
+    """Where a LoRA run's frozen weights come from, for its saves: the loaded checkpoint's own ``lora_base``, or
+    the loaded checkpoint itself when it holds no adapters (a base model); None (save everything) otherwise."""
+    if ckpt is None:
+        return None
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    if common.get("lora_base"):
+        return common["lora_base"]
+    return None if any(_is_adapter(k) for k in fingerprint_mod.saved_shapes(ckpt)) else os.path.abspath(ckpt)
+
+
+class _HFSource:
+    """The HF conversion a model descends from (``hf_to_megatron`` records it), carried from checkpoint to checkpoint
+    so that megatron-to-hf can write back what megallava does not build."""
+    value: Optional[str] = None
+
+    def get(self) -> Optional[str]:
+        return self.value
+
+    def set(self, value: Optional[str]) -> None:
+        self.value = value
+
+
+hf_source = _HFSource()

@@ -94,6 +94,51 @@ def _purge_tensorboard(metrics, after: int) -> None:
     tb.file_writer.add_event(Event(step=after + 1, session_log=SessionLog(status=SessionLog.START)))
 
 
+PREEMPTED = 75                      # exit status after a SIGTERM save with iterations left (job scripts requeue)
+PREEMPTED_MARKER = "PREEMPTED"      # the same, as a file in run_dir (torchrun maps worker exit codes to 1)
+
+
+class Records(list):
+    """Per-iteration records; ``preempted``: the run stopped on SIGTERM (and saved) with iterations left."""
+    preempted = False
+
+
+def resolve_load(cfg) -> str:
+    """checkpoint.load with ``auto`` resolved (checkpoint.dir's latest, or nothing), after refusing to start over a
+    checkpoint.dir that holds another run's checkpoints (its ``latest`` would be replaced) unless checkpoint.overwrite."""
+    from megallava.training import checkpoint, faults
+
+    ck = cfg.checkpoint
+    existing = ck.dir and os.path.isfile(os.path.join(ck.dir, checkpoint.LATEST))
+    load = (ck.dir if existing else None) if ck.load == "auto" else ck.load
+    inside = bool(load) and existing and os.path.abspath(load).startswith(os.path.abspath(ck.dir))
+    if existing and not inside and not ck.overwrite:
+        raise checkpoint.CheckpointError(
+            f"checkpoint.dir={ck.dir} already holds checkpoints (latest: {checkpoint.resolve(ck.dir)}), and this run "
+            f"would {'start from ' + load if load else 'start fresh'} and replace them: resume with "
+            f"checkpoint.load=auto (or checkpoint.load={ck.dir}), choose another checkpoint.dir, or set "
+            f"checkpoint.overwrite=true", collective=True)
+    return load
+
+
+def banner(cfg, chunks, world: int, start: int, loaded) -> str:
+    """The start line: layout, parameters (total and trainable, this rank's stage), data, precision, outputs."""
+    p, t, d = cfg.parallel, cfg.train, cfg.data
+    total = sum(x.numel() for c in chunks for x in c.parameters())
+    trainable = sum(x.numel() for c in chunks for x in c.parameters() if x.requires_grad)
+    method = "full" if cfg.lora.rank == 0 else f"{'QLoRA' if cfg.lora.quantize else 'LoRA'}-{cfg.lora.rank}"
+    stage = "stage 2 (projector + LLM)" if cfg.model.train_llm else "stage 1 (projector)"
+    data = (", ".join(f"{s.path} (x{s.weight:g}, {s.template})" for s in d.sources) if d.source == "shards"
+            else "synthetic")
+    return (f"megallava: {world} ranks = TP{p.tp} x PP{p.pp}" + (f" x VPP{p.vpp}" if p.vpp else "") +
+            f" x DP{world // (p.tp * p.pp)}{' + SP' if p.sequence_parallel else ''}; {stage}, {method}; "
+            f"rank 0's stage: {total:,} parameters, {trainable:,} trained; "
+            f"precision {t.precision}{'' if t.master_weights else ' (no master weights)'}; data {data}, seq "
+            f"{d.seq_length}{' packed' if d.packing else ''}; iterations {start + 1}..{t.iters} of global batch "
+            f"{t.global_batch_size}" + (f" from {loaded}" if loaded else "") + f"; run_dir {t.run_dir}" +
+            (f", checkpoints {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""))
+
+
 def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     """Train up to ``cfg.train.iters`` iterations (resuming from ``checkpoint.load``); returns this run's
     per-iteration records (on every rank).
@@ -154,18 +199,44 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     if rank0:
         C.dump_yaml(cfg, f"{t.run_dir}/config.yaml")
     fingerprint = model_fingerprint(cfg)
-    if ck.load:  # damaged, incomplete or another model's: refused before minutes go into building a model
-        faults.note(f"start-up: verifying checkpoint {ck.load}")
-        to_load = checkpoint.select(ck.load, ck.fallback)
-        checkpoint.check_fingerprint(to_load, fingerprint, ck.load_optimizer)
+    load_path = resolve_load(cfg)
+    to_load = None
+    if load_path:  # damaged, incomplete or another model's: refused before minutes go into building a model
+        faults.note(f"start-up: verifying checkpoint {load_path}")
+        to_load = checkpoint.select(load_path, ck.fallback)
+        checkpoint.check_fingerprint(to_load, fingerprint, ck.load_optimizer and not ck.finetune)
+        done = checkpoint.saved_iteration(to_load)
+        if not ck.finetune and done >= t.iters:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {to_load} is at iteration {done} and train.iters={t.iters}: nothing left to train. To "
+                f"start a new stage from its weights set checkpoint.finetune=true (iteration 0, fresh optimizer and "
+                f"schedule); to train longer raise train.iters", collective=True)
     faults.note("start-up: building the model")
     chunks = build_chunks(cfg)
     model = wrap_ddp(chunks, cfg)
     optimizer, scheduler = build_optimizer(model, cfg)
     start = 0
-    if ck.load:
+    if to_load:
         faults.note(f"start-up: loading checkpoint {to_load}")
-        start = checkpoint.load(to_load, model, optimizer, scheduler, ck.load_optimizer, verified=True)
+        start = checkpoint.load(to_load, model, optimizer, scheduler, ck.load_optimizer, verified=True,
+                                finetune=ck.finetune)
+        if rank0:
+            print(f"loaded {to_load}: " + (f"weights only, starting at iteration 1 (checkpoint.finetune)"
+                                           if ck.finetune else f"resuming after iteration {start}"), flush=True)
+    if ck.load_projector:
+        faults.note(f"start-up: loading the projector from {ck.load_projector}")
+        checkpoint.load(ck.load_projector, model, None, None, load_optimizer=False, only=("projector.",))
+        if rank0:
+            print(f"loaded the projector from {ck.load_projector}", flush=True)
+    lora_base = checkpoint.lora_base_for(to_load) if cfg.lora.rank > 0 else None
+    if cfg.lora.quantize:
+        from megallava.model.lora import quantize_bases
+
+        held = quantize_bases(chunks)
+        if rank0:
+            print(f"QLoRA: base weights quantised to NF4 ({held / 2 ** 20:.1f} MiB on rank 0)", flush=True)
+    if rank0:
+        print(banner(cfg, chunks, env.world_size, start, to_load), flush=True)
     faults.note("start-up: starting the data loaders")
     dp_size = parallel_state.get_data_parallel_world_size()
     iterators = data_iterators(cfg, chunks, parallel_state.get_data_parallel_rank(), dp_size, start)
@@ -195,7 +266,9 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     if start:
         _purge_tensorboard(metrics, start)
     faults.watchdog().disarm()  # the first iteration has the start-up budget, every phase below its own
-    records, slowest, collective_s = [], 0.0, t.startup_timeout_s
+    records, slowest, collective_s = Records(), 0.0, t.startup_timeout_s
+    if rank0 and os.path.exists(os.path.join(t.run_dir, PREEMPTED_MARKER)):
+        os.remove(os.path.join(t.run_dir, PREEMPTED_MARKER))
     for iteration in range(start + 1, t.iters + 1):
         first = iteration == start + 1
         budget = t.startup_timeout_s if first else t.fault_timeout_s + 2 * slowest
@@ -236,11 +309,21 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
             with faults.phase(f"checkpoint save of iteration {iteration}", ck.timeout_s), \
                     faults.collective_timeout(ck.timeout_s, restore=collective_s), injector.saving(iteration):
                 sync_params(model, cfg)
-                checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep, fingerprint=fingerprint,
-                                tokenizer=cfg.data.tokenizer)
+                t_save = time.perf_counter()
+                saved = checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep,
+                                        fingerprint=fingerprint, tokenizer=cfg.data.tokenizer, lora_base=lora_base,
+                                        extra_files=[os.path.join(t.run_dir, "config.yaml")])
+                if rank0:
+                    print(f"saved {saved} in {time.perf_counter() - t_save:.1f} s", flush=True)
         if stop:
+            preempted = iteration != t.exit_interval and iteration < t.iters
             if rank0:
-                print(f"stopping after iteration {iteration}" + (f"; saved to {ck.dir}" if ck.dir else ""), flush=True)
+                print(f"{'preempted (SIGTERM)' if preempted else 'stopping'}: stopped after iteration {iteration}"
+                      + (f"; saved to {ck.dir}" if ck.dir else ""), flush=True)
+                if preempted:  # for job scripts (torchrun turns exit codes into 1): requeue me
+                    with open(os.path.join(t.run_dir, PREEMPTED_MARKER), "w") as f:
+                        f.write(f"{iteration}\n")
+            records.preempted = preempted
             break
     with faults.phase("final parameter sync", t.fault_timeout_s + 2 * slowest):
         sync_params(model, cfg)
@@ -266,7 +349,9 @@ def main(argv=None) -> int:
         return 2
     faults.start_watchdog(env.rank, backstop=True)
     try:
-        run(cfg, env)
+        records = run(cfg, env)
+        if env.rank == 0:
+            print(summary(cfg, records), flush=True)
         with faults.phase("shutdown (destroying process groups)", cfg.train.fault_timeout_s):
             if torch.distributed.is_initialized():
                 shutdown()
@@ -280,7 +365,22 @@ def main(argv=None) -> int:
                 pass
         faults.hard_exit(code)
     faults.stop_watchdog()
-    return 0
+    return PREEMPTED if records.preempted else 0
+
+
+def summary(cfg, records) -> str:
+    """The end line: where the outputs are and what to run next."""
+    t, ck = cfg.train, cfg.checkpoint
+    last = records[-1] if records else None
+    lines = [f"done: {len(records)} iterations" + (f", last loss {last['loss']:.4f}" if last else "") +
+             f"; metrics {t.run_dir}/metrics.jsonl, TensorBoard {t.run_dir}/tb, config {t.run_dir}/config.yaml"]
+    if ck.dir:
+        lines.append(f"checkpoints in {ck.dir}; export: python tools/convert_checkpoint.py megatron-to-hf --input "
+                     f"{ck.dir} --output OUT_DIR" + (" --merge-lora" if cfg.lora.rank else "") +
+                     f"; chat: python -m megallava.generate --checkpoint {ck.dir} --prompt '...'")
+    if records.preempted:
+        lines.append(f"preempted: exit status {PREEMPTED}; resume with checkpoint.load=auto")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

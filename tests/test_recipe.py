@@ -1,0 +1,126 @@
+"""The paper's recipe across its seams: stage 1 (projector only) saves and resumes bitwise at every layout, stage 2
+starts from it with checkpoint.finetune, LoRA / QLoRA stage 2 saves only what it trains on top of its base and
+resumes bitwise; the guards around loading (auto, overwrite, nothing left to train)."""
+import os
+
+import pytest
+import torch
+
+from megallava import config as C
+from megallava.convert.layout import assemble, local_pieces
+from tests.multirank import run_ranks
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "tiny_cpu.yaml")
+BASE = ["parallel.tp=1", "parallel.pp=1", "train.global_batch_size=8", "train.micro_batch_size=2", "train.lr_warmup_fraction=0",
+        "train.lr_decay_style=linear"]
+NAMES = ("projector.linear_1.weight", "decoder.layers.1.mlp.linear_fc1.weight", "embedding.weight",
+         "decoder.layers.0.self_attention.linear_qkv.lora_b", "decoder.layers.3.mlp.linear_fc2.lora_a")
+
+
+def train(world, overrides, run_dir, expect_error=None):
+    def fn(rank, env):
+        from megatron.core import parallel_state
+        from megallava.training.train import run
+
+        cfg = C.load_config(TINY, BASE + [f"train.run_dir={run_dir}"] + overrides)
+        C.validate(cfg, env.world_size)
+        seen = {"weights": {}}
+
+        def hook(iteration, model, out):
+            if iteration == getattr(hook, "first", iteration):
+                hook.first = iteration
+                seen["first_weights"] = local_pieces(model, NAMES, parallel_state.get_tensor_model_parallel_rank())
+            seen["weights"] = local_pieces(model, NAMES, parallel_state.get_tensor_model_parallel_rank())
+
+        try:
+            records = run(cfg, env, on_iteration=hook)
+        except Exception as err:  # noqa: BLE001
+            if expect_error is None:
+                raise
+            return {"error": str(err)}
+        return {"records": records, "preempted": records.preempted, **seen}
+
+    results = run_ranks(world, fn)
+    if expect_error is not None:
+        assert all("error" in r for r in results), results
+        assert expect_error in results[0]["error"], results[0]["error"]
+        return results[0]["error"]
+    vocab = C.load_config(TINY).model.vocab_size
+    return {"losses": [r["loss"] for r in results[0]["records"]],
+            "iterations": [r["iteration"] for r in results[0]["records"]],
+            "lrs": [r["lr"] for r in results[0]["records"]],
+            "weights": assemble([r["weights"] for r in results], vocab),
+            "first_weights": assemble([r["first_weights"] for r in results], vocab)}
+
+
+STAGE1 = ["model.train_llm=false", "train.lr=3e-3"]
+LAYOUTS = {"tp1pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
+           "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+           "tp2pp2_no_distopt": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.use_distributed_optimizer=false"])}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_stage1_saves_and_resumes_bitwise_at_pp(layout, tmp_path):
+    """Later pipeline stages hold no trainable parameter in stage 1: saving used to fail there."""
+    world, lay = LAYOUTS[layout]
+    full = train(world, STAGE1 + lay + ["train.iters=4"], tmp_path / "full")
+    ck = f"checkpoint.dir={tmp_path}/ck"
+    first = train(world, STAGE1 + lay + ["train.iters=4", "train.exit_interval=2", ck], tmp_path / "a")
+    rest = train(world, STAGE1 + lay + ["train.iters=4", ck, "checkpoint.load=auto"], tmp_path / "a")
+    assert first["iterations"] == [1, 2] and rest["iterations"] == [3, 4]
+    assert first["losses"] + rest["losses"] == full["losses"]
+    for name in ("projector.linear_1.weight", "decoder.layers.1.mlp.linear_fc1.weight"):
+        assert torch.equal(rest["weights"][name], full["weights"][name])
+    assert len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 4  # one history, no duplicated iterations
+
+
+def test_stage2_finetunes_from_stage1_and_guards(tmp_path):
+    s1 = train(2, STAGE1 + ["parallel.pp=2", "train.iters=3", f"checkpoint.dir={tmp_path}/s1"], tmp_path / "r1")
+    # without finetune, a checkpoint at iteration 3 with train.iters=3 has nothing left: an error naming the fix
+    train(1, ["train.iters=3", f"checkpoint.load={tmp_path}/s1"], tmp_path / "r2x", expect_error="checkpoint.finetune")
+    s2 = train(1, ["train.iters=3", f"checkpoint.load={tmp_path}/s1", "checkpoint.finetune=true", "train.lr=1e-30",
+                   "train.min_lr=0"], tmp_path / "r2")
+    assert s2["iterations"] == [1, 2, 3]  # iteration 0, the full schedule
+    for name in ("projector.linear_1.weight", "decoder.layers.1.mlp.linear_fc1.weight", "embedding.weight"):
+        torch.testing.assert_close(s2["first_weights"][name], s1["weights"][name], rtol=0, atol=1e-20)
+    full_lr = train(1, ["train.iters=3", f"checkpoint.load={tmp_path}/s1", "checkpoint.finetune=true",
+                        "train.lr=1e-3"], tmp_path / "r3")
+    assert full_lr["lrs"][0] == pytest.approx(1e-3)  # fresh scheduler (warm-up 0): starts at the peak
+    # a run that would start over a checkpoint.dir with checkpoints refuses unless asked
+    train(1, ["train.iters=3", f"checkpoint.dir={tmp_path}/s1"], tmp_path / "r4", expect_error="checkpoint.overwrite")
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage1")
+    train(1, STAGE1 + ["train.iters=2", f"checkpoint.dir={d}/ck"], d / "run")
+    return d / "ck"
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["lora", "qlora"])
+def test_lora_stage2_saves_adapters_and_resumes_bitwise(stage1, quantize, tmp_path):
+    lora = ["lora.rank=4", "train.lr=1e-2", f"lora.quantize={str(quantize).lower()}", "parallel.tp=2",
+            "parallel.pp=2", f"checkpoint.load={stage1}", "checkpoint.finetune=true"]
+    full = train(4, lora + ["train.iters=4"], tmp_path / "full")
+    first = train(4, lora + ["train.iters=4", "train.exit_interval=2", f"checkpoint.dir={tmp_path}/ck"],
+                  tmp_path / "a")
+    rest = train(4, [x for x in lora if not x.startswith("checkpoint.")] + [
+        "train.iters=4", f"checkpoint.dir={tmp_path}/ck", "checkpoint.load=auto"], tmp_path / "a")
+    assert first["losses"] + rest["losses"] == full["losses"]
+    assert full["losses"][-1] < full["losses"][0]
+    # the LoRA checkpoint holds adapters + projector (+ their optimizer state), not the frozen base it names
+    from megallava.training.fingerprint import saved_shapes
+    from megatron.core import dist_checkpointing
+
+    keys = set(saved_shapes(str(tmp_path / "ck" / "iter_0000002")))
+    assert {"decoder.layers.self_attention.linear_qkv.lora_a", "projector.linear_1.weight"} <= keys
+    assert not keys & {"embedding.weight", "decoder.layers.mlp.linear_fc1.weight", "output_layer.weight"}
+    common = dist_checkpointing.load_common_state_dict(str(tmp_path / "ck" / "iter_0000002"))
+    assert common["lora_base"] == os.path.abspath(os.path.join(stage1, "iter_0000002"))
+    # frozen weights never move
+    assert torch.equal(full["weights"]["embedding.weight"], full["first_weights"]["embedding.weight"])
+    if quantize:  # QLoRA trains close to LoRA on the same data
+        plain = train(4, [x if not x.startswith("lora.quantize") else "lora.quantize=false" for x in lora] +
+                      ["train.iters=4"], tmp_path / "plain")
+        gap = max(abs(a - b) for a, b in zip(full["losses"], plain["losses"]))
+        assert 0 < gap < 0.05, gap
