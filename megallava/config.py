@@ -493,9 +493,9 @@ def _validate_parallel(cfg: Config, world_size: int, ok: dict, p: _Checks) -> Op
         elif ok["num_layers"] and sum(pl) != m.num_layers:
             p.append(f"parallel.pipeline_layers={pl} sums to {sum(pl)} but model.num_layers={m.num_layers}: "
                      f"the counts must add up to num_layers")
-    elif chunks and par.pp > 1 and ok["num_layers"] and m.num_layers % chunks:
-        p.append(f"model.num_layers={m.num_layers} is not divisible by {label}={chunks}: "
-                 f"set parallel.pipeline_layers for an uneven split")
+    elif chunks and par.pp > 1 and ok["num_layers"] and m.num_layers < chunks:
+        p.append(f"model.num_layers={m.num_layers} is fewer than the {label}={chunks} pipeline chunks: "
+                 f"lower parallel.pp / parallel.vpp")
     return dp
 
 
@@ -717,11 +717,14 @@ def resolved_pipeline_layers(cfg: Config) -> list[int] | None:
         return None
     if par.pipeline_layers is not None:
         return list(par.pipeline_layers)
-    chunks = par.pp * (par.vpp or 1)
-    if cfg.model.num_layers % chunks:
-        raise ConfigError(f"model.num_layers={cfg.model.num_layers} is not divisible by {chunks} pipeline chunks: "
-                          f"set parallel.pipeline_layers for an uneven split")
-    return [cfg.model.num_layers // chunks] * chunks
+    return balanced_split(cfg.model.num_layers, par.pp * (par.vpp or 1))
+
+
+def balanced_split(layers: int, chunks: int) -> list[int]:
+    """Layers per pipeline chunk when none are given: as even as possible, the extra layers on the last chunks, so
+    stage 0 (which also runs the ViT and the projector) carries the fewest: 5 layers on 2 -> [2, 3]."""
+    base, extra = divmod(layers, chunks)
+    return [base] * (chunks - extra) + [base + 1] * extra
 
 
 def num_microbatches(cfg: Config, world_size: int) -> int:

@@ -154,9 +154,8 @@ INVALID = {
     "pl_negative": (["parallel.pp=2", "parallel.pipeline_layers=[-1,33]"], 2, "has negative entries"),
     "pl_without_pp": (["parallel.pipeline_layers=[32]"], 1,
                       "parallel.pipeline_layers is set but parallel.pp=1"),
-    "uneven_split": (["parallel.pp=3"], 3,
-                     "model.num_layers=32 is not divisible by parallel.pp=3: set parallel.pipeline_layers for an "
-                     "uneven split"),
+    "too_few_layers": (["parallel.pp=4", "model.num_layers=3"], 4,
+                       "model.num_layers=3 is fewer than the parallel.pp=4 pipeline chunks"),
     "sequence_parallel": (["parallel.sequence_parallel=true"], 1,
                           "parallel.sequence_parallel=true needs parallel.tp > 1"),
     "global_batch": (["train.global_batch_size=10", "train.micro_batch_size=2"], 2,
@@ -228,3 +227,12 @@ def test_valid_parallel_layouts():
     validate(cfg, 32)
     assert data_parallel_size(cfg, 32) == 2 and num_microbatches(cfg, 32) == 4
     assert resolved_pipeline_layers(cfg) == [0, 32]
+
+
+def test_balanced_split_when_pp_does_not_divide_the_layers():
+    from megallava.config import balanced_split, resolved_pipeline_layers
+
+    assert balanced_split(5, 2) == [2, 3] and balanced_split(32, 3) == [10, 11, 11] and balanced_split(8, 4) == [2] * 4
+    cfg = load_config(None, ["parallel.pp=3"])
+    validate(cfg, 3)
+    assert resolved_pipeline_layers(cfg) == [10, 11, 11]  # stage 0 (with the ViT) carries the fewest

@@ -285,6 +285,13 @@ def test_export_without_the_conversion_describes_the_truncated_tower(work, conve
     yaml_path = str(cfg_dir / "model.yaml")
     shutil.copy(os.path.join(converted, "megallava_model.yaml"), yaml_path)
     ckpt = _copy(os.path.join(trainer_saved, "iter_0000007"), cfg_dir / "iter_0000007")
+    # trainer checkpoints carry the conversion they descend from (hf_source): forget it here, as an older one would
+    common = torch.load(os.path.join(ckpt, "common.pt"), weights_only=False)
+    assert common.pop("hf_source") == os.path.abspath(converted)
+    common.pop("integrity", None)
+    torch.save(common, os.path.join(ckpt, "common.pt"))
+    if os.path.exists(os.path.join(ckpt, "integrity.json")):
+        os.remove(os.path.join(ckpt, "integrity.json"))
     out = str(work / "hf_truncated")
     r = megatron_to_hf(ckpt, out, config=yaml_path, tokenizer=hub_tok, log=QUIET)
     assert r["source"] is None and not r["full_tower"]

@@ -287,9 +287,9 @@ def five_layers(work):
 
 def test_verify_uneven_and_interleaved_pipelines(five_layers):
     hf, meg = five_layers
-    with pytest.raises(ConversionError, match=r"num_layers=5 is not divisible by parallel.pp=2.*pipeline_layers"):
-        verify(hf, meg, pp=2, log=QUIET)
-    for kw in ({"pp": 2, "pipeline_layers": [2, 3]}, {"pp": 2, "vpp": 2, "pipeline_layers": [1, 1, 2, 1]},
+    with pytest.raises(ConversionError, match=r"num_layers=5 is fewer than the parallel.pp=8 pipeline chunks"):
+        verify(hf, meg, pp=8, log=QUIET)
+    for kw in ({"pp": 2}, {"pp": 2, "pipeline_layers": [2, 3]},  # pp=2 alone: the balanced split [2, 3] {"pp": 2, "vpp": 2, "pipeline_layers": [1, 1, 2, 1]},
                {"tp": 2, "pp": 2, "pipeline_layers": [3, 2]}):
         r = verify(hf, meg, tolerance=1e-4, log=QUIET, **kw)
         print(kw, f"max |logit diff| {r['max_abs_diff']:.2e}")

@@ -11,8 +11,14 @@ from megallava.distributed import LaunchEnv, init_distributed, launch_env, shutd
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="megallava.train", description=__doc__)
-    parser.add_argument("--config", help="YAML config file (see examples/configs/)")
+    parser = argparse.ArgumentParser(
+        prog="megallava.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every key, with its default and a comment: megallava/config.py, or --print-config (the resolved config "
+               "as YAML). Overrides are section.key=value (YAML values: parallel.pipeline_layers=[1,3]); key=null "
+               "unsets a key (back to its default). Paths may use ${ENV_VARS}.")
+    parser.add_argument("--config", required=True, help="YAML config file (examples/configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key, defaults included) and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.iters=20")
     return parser.parse_args(argv)
 
@@ -20,6 +26,12 @@ def parse_args(argv):
 def load_and_validate(argv, env: LaunchEnv) -> C.Config:
     args = parse_args(argv)
     cfg = C.load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        if env.rank == 0:
+            print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="", flush=True)
+        raise SystemExit(0)
     C.validate(cfg, env.world_size)
     return cfg
 
@@ -130,7 +142,9 @@ def banner(cfg, chunks, world: int, start: int, loaded) -> str:
     stage = "stage 2 (projector + LLM)" if cfg.model.train_llm else "stage 1 (projector)"
     data = (", ".join(f"{s.path} (x{s.weight:g}, {s.template})" for s in d.sources) if d.source == "shards"
             else "synthetic")
+    split = C.resolved_pipeline_layers(cfg)
     return (f"megallava: {world} ranks = TP{p.tp} x PP{p.pp}" + (f" x VPP{p.vpp}" if p.vpp else "") +
+            (f" (LLM layers per stage {split}{'' if p.pipeline_layers else ', balanced'})" if split else "") +
             f" x DP{world // (p.tp * p.pp)}{' + SP' if p.sequence_parallel else ''}; {stage}, {method}; "
             f"rank 0's stage: {total:,} parameters, {trainable:,} trained; "
             f"precision {t.precision}{'' if t.master_weights else ' (no master weights)'}; data {data}, seq "
@@ -340,6 +354,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     env = launch_env()
     faults.set_rank(env.rank)
+    if env.rank != 0:  # library warnings come once, from rank 0; errors still come from the rank that failed
+        import warnings
+
+        warnings.simplefilter("ignore")
     try:
         cfg = load_and_validate(argv, env)
     except C.ConfigError as err:
