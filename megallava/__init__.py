@@ -11,3 +11,5 @@ warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is depre
 warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 warnings.filterwarnings("ignore", message=".*The .grad attribute of a Tensor that is not a leaf Tensor.*")
 warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+warnings.filterwarnings("ignore", message=".*Please use DTensor instead and we are deprecating ShardedTensor.*")
+warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated and will be removed.*")

@@ -152,3 +152,61 @@ def test_multiple_choice_likelihoods(demo_checkpoint, score):
     for a, b in zip(tp2pp2["questions"], ref["questions"]):
         torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]), rtol=1e-5, atol=1e-5)
     assert tp2pp2["accuracy"] == ref["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def exported(demo_checkpoint, tmp_path_factory):
+    """The demo checkpoint as an HF directory (megatron-to-hf; model config and tokenizer come from the checkpoint)."""
+    from transformers import LlavaForConditionalGeneration
+    from megallava.convert.megatron_to_hf import megatron_to_hf
+
+    out = str(tmp_path_factory.mktemp("export") / "hf")
+    megatron_to_hf(str(demo_checkpoint), out, log=lambda *a, **k: None)
+    return LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def test_multiple_choice_equals_hf_loglikelihoods(demo_checkpoint, exported):
+    """An independent computation: transformers' forward of the exported model, log-softmax, summed."""
+    from megallava.evaluate import continuation_rows, mmlu_prompt
+
+    def fn(rank, env):
+        from megallava.evaluate import evaluate_multiple_choice
+        from megallava.generate import load
+
+        model = load(str(demo_checkpoint), 1, 1, env=env)
+        res = evaluate_multiple_choice(model.chunks, model.tokenizer, QUESTIONS, DEV, shots=1, score="text")
+        rows = [continuation_rows(model.tokenizer, mmlu_prompt(q, [d for d in DEV if d["subject"] == q["subject"]]),
+                                  [f" {c}" for c in q["choices"]]) for q in QUESTIONS]
+        return res, rows
+
+    res, rows = run_ranks(1, fn)[0]
+    for got, q_rows in zip(res["questions"], rows):
+        want = []
+        for ids, n in q_rows:
+            with torch.no_grad():
+                logp = torch.log_softmax(exported(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            want.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids))) / n)
+        torch.testing.assert_close(torch.tensor(got["scores"], dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_tokens_equal_hf_generate_on_the_export(demo_checkpoint, demo_data, exported):
+    """The exported model (megatron-to-hf) under transformers' own generate() produces megallava's greedy tokens."""
+    model = exported
+
+    def fn(rank, env):
+        from megallava.generate import load
+
+        gen = load(str(demo_checkpoint), 1, 1, env=env)
+        requests = _requests(demo_data)
+        return gen.generate(requests, max_new_tokens=12), [gen.encode(r) for r in requests], gen.tokenizer.eos_id
+
+    ours, encoded, eos = run_ranks(1, fn)[0]
+    for want, (ids, images) in zip(ours, encoded):
+        with torch.no_grad():
+            extra = {"pixel_values": images} if images is not None else {}
+            got = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=0, **extra)[0, len(ids):].tolist()
+        if eos in got:
+            got = got[:got.index(eos)]
+        assert got == want
