@@ -82,6 +82,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     log_interval: int = 1
     exit_interval: Optional[int] = None              # stop (and save) after this iteration; schedule spans iters
+    eval_interval: int = 0                           # validation loss on data.valid_sources every N iterations (0: off)
+    eval_iters: int = 1                              # global batches per validation (the same ones every time)
     peak_tflops: Optional[float] = None              # per-GPU peak for MFU; None = detect (H100/H200 989, A100 312)
     master_weights: bool = True                      # bf16: fp32 master weights + fp32 Adam states (false: all bf16)
     grad_reduce_in_fp32: Optional[bool] = None       # fp32 main grads / DP reduction; null = same as master_weights
@@ -134,6 +136,7 @@ class DataConfig:
     text_only_fraction: float = 0.25                 # synthetic: share of language-only samples
     max_images_per_sample: int = 1                   # synthetic: images per multimodal sample (1..n)
     sources: List[SourceConfig] = field(default_factory=list)  # shards: the mix, e.g. [{path: shards/x, weight: 0.8}]
+    valid_sources: List[SourceConfig] = field(default_factory=list)  # held-out shards for train.eval_interval
     tokenizer: Optional[str] = None                  # shards: sentencepiece .model file or HF tokenizer directory
     image_mode: str = "pad"                          # shards: "pad" (LLaVA expand-to-square) | "resize"
     num_workers: int = 2                             # shards: DataLoader worker processes per data iterator
@@ -395,6 +398,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_train(cfg, dp, p)
     _validate_data(cfg, ok, p)
     _validate_checkpoint(cfg, p)
+    _validate_valid(cfg, p)
     _validate_kernels(cfg, p)
     _validate_lora(cfg, p)
     if p.problems:
@@ -605,6 +609,28 @@ def _shard_images_per_sample(path: str) -> int:
             return images_per_sample(json.load(f))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
+
+
+def _validate_valid(cfg: Config, p: _Checks) -> None:
+    d, t = cfg.data, cfg.train
+    p.at_least("train.eval_interval", t.eval_interval, 0, " (0 = no validation)")
+    p.at_least("train.eval_iters", t.eval_iters, 1)
+    if t.eval_interval and not d.valid_sources:
+        p.append(f"train.eval_interval={t.eval_interval} needs data.valid_sources (held-out shard directories, like "
+                 f"data.sources)")
+    if d.valid_sources and d.source != "shards":
+        p.append("data.valid_sources needs data.source=shards")
+    for i, s in enumerate(d.valid_sources):
+        key = f"data.valid_sources[{i}]"
+        if not s.path or not os.path.isfile(os.path.join(s.path, "manifest.json")):
+            p.append(f"{key}.path={s.path!r} has no manifest.json: write it with tools/make_shards.py --out {s.path}")
+        if s.template not in _templates():
+            p.append(f"{key}.template={s.template!r} is not supported: use one of {', '.join(_templates())}")
+
+
+def _templates():
+    from megallava.data.templates import TEMPLATES
+    return TEMPLATES
 
 
 def _validate_checkpoint(cfg: Config, p: _Checks) -> None:

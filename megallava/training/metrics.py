@@ -70,6 +70,7 @@ def _si(x: float) -> str:
 # Progress-line fields in order: record key -> how to show its value.
 _PROGRESS_FIELDS = (
     ("loss", lambda v: f"loss {v:.4f}"),
+    ("valid/loss", lambda v: f"valid loss {v:.4f}"),
     ("lr", lambda v: f"lr {v:.2e}"),
     ("grad_norm", lambda v: f"gnorm {v:.3f}"),
     ("step_time_s", lambda v: f"{v * 1000:.0f} ms"),

@@ -64,6 +64,41 @@ def data_iterators(cfg, chunks, dp_rank: int, dp_size: int, start_iteration: int
     return [make(c) if (c.pre_process or c.post_process or packing) else None for c in chunks]
 
 
+def validation_config(cfg):
+    """The config that reads data.valid_sources exactly like training reads data.sources (same templates, packing,
+    layout-invariant global batches from 0 every time, so every validation sees the same samples), in the training
+    process (no loader workers to start and stop each time); None without validation."""
+    import copy
+
+    if not cfg.train.eval_interval or not cfg.data.valid_sources:
+        return None
+    vcfg = copy.deepcopy(cfg)
+    vcfg.data.sources, vcfg.data.valid_sources, vcfg.data.num_workers = list(cfg.data.valid_sources), [], 0
+    return vcfg
+
+
+def validate_loss(vcfg, model, chunks, n_micro: int) -> dict:
+    """Forward-only over ``train.eval_iters`` global batches of held-out data: the loss overall and per source
+    (over trained tokens), on every rank."""
+    from megatron.core import parallel_state
+    from megallava.data.loader import source_names
+    from megallava.training.step import eval_step
+
+    names = source_names(vcfg)
+    iterators = data_iterators(vcfg, chunks, parallel_state.get_data_parallel_rank(),
+                               parallel_state.get_data_parallel_world_size(), 0)
+    totals = None
+    for _ in range(vcfg.train.eval_iters):
+        stats = eval_step(model, iterators, n_micro, vcfg.train.micro_batch_size, vcfg.data.seq_length, len(names))
+        totals = stats if totals is None else totals + stats
+    t = totals.tolist()
+    n = len(names)
+    out = {"valid/loss": t[0] / max(t[1], 1.0), "valid/trained_tokens": int(t[1])}
+    for i, name in enumerate(names):
+        out[f"valid/loss/{name}"] = t[2 + i] / t[2 + n + i] if t[2 + n + i] else None
+    return out
+
+
 def data_metrics_layout(cfg):
     """(source names, skip reasons) reported per iteration: per-source loss and skipped-sample counters."""
     if cfg.data.source != "shards":
@@ -274,6 +309,7 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
         from megallava.data.loader import skip_counts as skip_counter
     skipped_total = dict.fromkeys(skip_reasons, 0)
     monitor = SkipMonitor(cfg.data.max_skip_fraction, t.global_batch_size, skip_reasons, skip_log)
+    vcfg = validation_config(cfg)
     if rank0:
         truncate_metrics(t.run_dir, start)
     metrics = MetricsWriter(t.run_dir, enabled=rank0)
@@ -307,6 +343,9 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
                 record[f"skipped_{reason}"] = skipped_total[reason]
             faults.note(f"iteration {iteration}: metrics (all-reduce)")
             record.update(flops.step_metrics(cfg, counter, step_time, peak_tflops))  # collective, every rank
+            if vcfg is not None and (iteration % t.eval_interval == 0 or iteration == t.iters):
+                faults.note(f"iteration {iteration}: validation (forward-only over data.valid_sources)")
+                record.update(validate_loss(vcfg, model, chunks, n_micro))
             records.append(record)
             if iteration % t.log_interval == 0 or iteration == t.iters:
                 metrics.log(record, total=t.iters)
