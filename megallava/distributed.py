@@ -30,6 +30,13 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def slurm_port(env) -> int:
+    """A rendezvous port from the job id and the step id (SLURM_STEP_ID), so that two srun steps of one allocation,
+    and two jobs sharing a node, do not collide; a requeued job (same id) gets its previous ports again."""
+    job, step = int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_STEP_ID", 0) or 0)
+    return 20000 + (job * 101 + step) % 30000
+
+
 def launch_env(env=None) -> LaunchEnv:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else srun's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, else one rank."""
     env = os.environ if env is None else env
@@ -38,7 +45,7 @@ def launch_env(env=None) -> LaunchEnv:
                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        port = int(env.get("MASTER_PORT") or slurm_port(env))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                          addr, port)
     return LaunchEnv(0, 1, 0, "127.0.0.1", 0)

@@ -62,7 +62,10 @@ def test_launch_env_torchrun_slurm_and_single():
     s = launch_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
                     "SLURM_JOB_NODELIST": "gpu[012-015,020]"})
     assert (s.rank, s.world_size, s.local_rank, s.master_addr) == (9, 16, 1, "gpu012")
-    assert s.master_port == 20000 + 4242
+    assert s.master_port == 20000 + (4242 * 101) % 30000
+    steps = {launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": str(i)})
+             .master_port for i in range(4)}
+    assert len(steps) == 4  # one allocation's srun steps rendezvous on different ports
     assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "node7"}).master_addr == "node7"
     one = launch_env({})
     assert (one.rank, one.world_size) == (0, 1)
