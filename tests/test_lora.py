@@ -234,3 +234,30 @@ def test_lora_starts_as_the_base_and_freezes_it(lora_tp1, tmp_path):
         assert torch.equal(lora_tp1["weights"][name], init["weights"][name])
     for name in ("decoder.layers.0.self_attention.linear_qkv.lora_b", "projector.linear_1.weight"):
         assert not torch.allclose(lora_tp1["weights"][name], init["weights"][name])
+
+
+def test_frozen_base_has_no_grad_buffer_or_optimizer_state():
+    """Only adapters and the projector reach DDP's grad buffers and the (distributed) optimizer."""
+    def fn(rank, env):
+        from megallava.distributed import init_distributed
+        from megallava.model.build import build_chunks
+        from megallava.training.optimizer import build_optimizer, wrap_ddp
+
+        init_distributed(1, 1, None, 0, env)
+        cfg = C.load_config(TINY, ["parallel.tp=1", "parallel.pp=1", "lora.rank=4"])
+        model = wrap_ddp(build_chunks(cfg), cfg)
+        opt, _ = build_optimizer(model, cfg)
+        chunk = model[0].module
+        trained = [p for p in chunk.parameters() if p.requires_grad]
+        names = {n.rsplit(".", 1)[-1] if ".lora_" in n else n.split(".")[0] for n, p in chunk.named_parameters()
+                 if p.requires_grad}
+        frozen_with_grad = [n for n, p in chunk.named_parameters() if not p.requires_grad and hasattr(p, "main_grad")]
+        inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+        opt_params = sum(p.numel() for o in inner for g in o.param_groups for p in g["params"])
+        return names, frozen_with_grad, opt_params, sum(p.numel() for p in trained), \
+            sum(b.numel_unpadded for b in model[0].buffers)
+
+    names, frozen_with_grad, opt_params, trained, buffered = run_ranks(1, fn)[0]
+    assert names == {"lora_a", "lora_b", "projector"}
+    assert frozen_with_grad == []
+    assert opt_params == trained == buffered  # fp32 master copies and Adam moments exist for these only
