@@ -119,6 +119,12 @@ def test_lora_stage2_saves_adapters_and_resumes_bitwise(stage1, quantize, tmp_pa
     assert common["lora_base"] == os.path.abspath(os.path.join(stage1, "iter_0000002"))
     # frozen weights never move
     assert torch.equal(full["weights"]["embedding.weight"], full["first_weights"]["embedding.weight"])
+    if not quantize:  # the LoRA checkpoint (and its base) load at another layout, optimizer state included
+        other = train(1, [x for x in lora if not x.startswith(("checkpoint.", "parallel."))] + [
+            "train.iters=4", f"checkpoint.load={tmp_path}/ck/iter_0000002", "parallel.tp=1", "parallel.pp=1"],
+            tmp_path / "tp1")
+        assert other["iterations"] == [3, 4]
+        torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(full["losses"][2:]), rtol=1e-5, atol=0)
     if quantize:  # QLoRA trains close to LoRA on the same data
         plain = train(4, [x if not x.startswith("lora.quantize") else "lora.quantize=false" for x in lora] +
                       ["train.iters=4"], tmp_path / "plain")
