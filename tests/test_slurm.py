@@ -110,6 +110,11 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm, reference, tmp_path):
     while job_state(job) != ("PENDING", 1):
         assert time.monotonic() < deadline and job_state(job)[0] != "COMPLETED", job_state(job)
         time.sleep(0.2)
+    # SLURM's delay covers the old instance's cleanup: slurmd refuses to relaunch a job while a slurmstepd of its
+    # previous run is still ending its tasks ("already killed, do not launch"). Waive it only once they are gone.
+    while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the preempted instance's slurmstepd never ended"
+        time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     state, restarts = wait(job, 300)
     log = open(tmp_path / "pre.log").read()
