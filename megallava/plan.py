@@ -247,6 +247,7 @@ class Param:
     trainable: bool
     nf4: bool = False    # QLoRA base weight: stored as NF4 after quantize_bases
     vocab: bool = False  # embedding / output layer: rows = padded vocab (padded per tp)
+    cols: int = 0        # the last dimension at TP 1 (NF4: whether a TP shard's rows are whole 64-value blocks)
 
 
 def _cache_dir() -> str:
@@ -255,13 +256,13 @@ def _cache_dir() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    """Hash of the model code (and megatron's version): a change to either invalidates cached structures."""
+    """Hash of the model code and this file (which defines Param), and megatron's version: a change to any of them
+    invalidates cached structures."""
     h = hashlib.sha256()
     model_dir = os.path.join(os.path.dirname(__file__), "model")
-    for name in sorted(os.listdir(model_dir)):
-        if name.endswith(".py"):
-            with open(os.path.join(model_dir, name), "rb") as f:
-                h.update(name.encode() + f.read())
+    for path in [os.path.join(model_dir, n) for n in sorted(os.listdir(model_dir)) if n.endswith(".py")] + [__file__]:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + f.read())
     try:
         from importlib.metadata import version
         h.update(version("megatron-core").encode())
@@ -340,7 +341,7 @@ def _meta_chunk_params(cfg, n_layers: int, pre: bool, post: bool) -> List[Param]
     for name, p in chunk.named_parameters():
         tp = bool(getattr(p, "tensor_model_parallel", False))
         out.append(Param(name, p.numel(), tp, int(getattr(p, "partition_dim", -1)) if tp else -1, p.requires_grad,
-                         name in nf4_weights, name in ("embedding.weight", "output_layer.weight")))
+                         name in nf4_weights, name in ("embedding.weight", "output_layer.weight"), p.shape[-1]))
     return out
 
 
@@ -531,11 +532,15 @@ def rank_chunks(cfg, layout: Layout, pp_rank: int) -> List[Tuple[int, bool, bool
 # Static memory: params, grads, optimizer states, per rank, simulated as megatron allocates them.
 # ------------------------------------------------------------------------------------------------------------------
 
-def nf4_bytes(n: int) -> int:
-    """Bytes of megallava.model.nf4.quantize of an n-element weight: packed 4-bit codes, 8-bit absmax codes per 64,
-    fp32 absmax2 per 256 blocks, one fp32 offset."""
-    blocks = -(-n // 64)
-    return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
+def nf4_bytes(p: Param, tp: int = 1) -> int:
+    """Bytes of a QLoRA base weight's NF4 form on one TP rank (megallava.model.lora.quantize_base): a shard quantised
+    as part of the full weight keeps the full weight's second-level scales; one whose rows are not whole 64-value
+    blocks is quantised alone."""
+    from megallava.model import nf4
+
+    n = p.numel // tp
+    width = p.cols // tp if p.dim == 1 else p.cols
+    return nf4.storage_bytes(n, p.numel if tp > 1 and width % nf4.BLOCK == 0 else None)
 
 
 def local_numel(p: Param, tp: int, model_cfg) -> int:
@@ -620,7 +625,7 @@ def static_memory(cfg, layout: Layout, pp_rank: int, dp_rank: int = 0, structure
             if p.trainable:
                 numels.append(k)
             elif p.nf4:
-                out.params += nf4_bytes(k)
+                out.params += nf4_bytes(p, layout.tp)
             else:
                 out.params += k * pbytes
         out.trainable += sum(numels)
@@ -1158,7 +1163,7 @@ def zero_memory_gib(cfg, zero_stage: int, dp: int, micro_batch: int = 1, seq_len
     st = structure or structures(cfg)
     lay = Layout(1, 1, None, dp, micro_batch, recompute)
     params = st.get(cfg.model.num_layers, True, True)
-    frozen = sum(nf4_bytes(p.numel) if p.nf4 else 2 * p.numel for p in params if not p.trainable)
+    frozen = sum(nf4_bytes(p) if p.nf4 else 2 * p.numel for p in params if not p.trainable)
     trainable = sum(p.numel for p in params if p.trainable)
     weights = frozen + 2 * trainable
     if zero_stage >= 3:

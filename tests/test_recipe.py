@@ -97,6 +97,25 @@ def stage1(tmp_path_factory):
     return d / "ck"
 
 
+def test_lora_checkpoint_refuses_a_replaced_base(tmp_path):
+    """A LoRA checkpoint records its base's identity: a different base put at that path is refused, naming both."""
+    import shutil
+
+    one = ["train.iters=2", "model.train_llm=false"]
+    train(1, one + [f"checkpoint.dir={tmp_path}/base"], tmp_path / "b1")
+    train(1, one + ["train.seed=7", f"checkpoint.dir={tmp_path}/other"], tmp_path / "b2")
+    base = tmp_path / "base" / "iter_0000002"
+    lora = ["lora.rank=4", f"checkpoint.dir={tmp_path}/lora"]
+    train(1, lora + ["train.iters=2", f"checkpoint.load={base}", "checkpoint.finetune=true"], tmp_path / "l1")
+    resume = lora + ["train.iters=3", "checkpoint.load=auto"]
+    assert train(1, resume, tmp_path / "l2")["iterations"] == [3]  # the untouched base resumes
+    shutil.rmtree(base)
+    shutil.copytree(tmp_path / "other" / "iter_0000002", base)
+    err = train(1, lora + ["train.iters=4", "checkpoint.load=auto"], tmp_path / "l3",
+                expect_error="now holds other files")
+    assert str(base) in err and "checkpoint.finetune=true" in err
+
+
 @pytest.mark.parametrize("quantize", [False, True], ids=["lora", "qlora"])
 def test_lora_stage2_saves_adapters_and_resumes_bitwise(stage1, quantize, tmp_path):
     lora = ["lora.rank=4", "train.lr=1e-2", f"lora.quantize={str(quantize).lower()}", "parallel.tp=2",

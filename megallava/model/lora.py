@@ -25,8 +25,8 @@ function to be re-implemented.
 
 Frozen base: megatron's linears already skip the weight-gradient GEMM for a weight with requires_grad=False
 (``linear_with_frozen_weight``), DDP gives it no grad buffer and the optimizer no state or master copy.
-QLoRA: the base weight is replaced by its NF4 form (megallava.model.nf4, ~0.52 bytes/param) and dequantised to the
-compute dtype inside an autograd function that saves only the quantised weight, so no dense copy of a frozen
+QLoRA: the base weight is replaced by its NF4 form (megallava.model.nf4, ~0.52 bytes/param; each TP shard quantised
+as part of the full weight, so every TP size trains the same model) and dequantised to the compute dtype inside an autograd function that saves only the quantised weight, so no dense copy of a frozen
 weight outlives its own forward or backward.
 """
 import math
@@ -87,10 +87,33 @@ class _LoRAMixin:
         self.qlora = quantize  # the base is quantised by quantize_bases() once its real weights are in
         self.quantized = None
 
-    def quantize_base(self) -> None:
-        """QLoRA: replace this rank's base weight shard by its NF4 form."""
-        self.quantized = nf4.quantize(self.weight.data)
+    def quantize_base(self) -> bool:
+        """QLoRA: replace this rank's base weight shard by its NF4 form, quantised as part of the full weight (the
+        same dequantised values at every TP size: nf4.quantize_shard; collective over the TP group). Returns False
+        when that is impossible (the shard's row width is not a multiple of 64) and the shard was quantised alone."""
+        w = self.weight.data
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        blocks = self._shard_blocks(tp) if tp > 1 and w.shape[1] % nf4.BLOCK == 0 else None
+        if tp == 1 or blocks is None:
+            self.quantized = nf4.quantize(w)
+        else:
+            full_rows = w.shape[0] if isinstance(self, RowParallelLinear) else w.shape[0] * tp
+            self.quantized = nf4.quantize_shard(w, blocks, full_rows, parallel_state.get_tensor_model_parallel_group())
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        return tp == 1 or blocks is not None
+
+    def _shard_blocks(self, tp: int) -> "nf4.ShardBlocks":
+        """Where this rank's base shard sits in the TP 1 weight (megatron's layouts: row-parallel = a column slice;
+        column-parallel = a row slice, or for fc1 [gate; up] one slice of gate and one of up)."""
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        rows, width = self.weight.shape
+        per_row = width // nf4.BLOCK
+        if isinstance(self, RowParallelLinear):
+            return nf4.ShardBlocks(((0, rows, 0),), per_row * tp, rank * per_row)
+        if self.lora_kind == "gated":
+            f = rows // 2
+            return nf4.ShardBlocks(((0, f, rank * f), (f, f, f * tp + rank * f)), per_row, 0)
+        return nf4.ShardBlocks(((0, rows, rank * rows),), per_row, 0)
 
     def _lora_sharded_state_dict(self, prefix, sharded_offsets, metadata, axes, gated=False):
         state_dict = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items()
@@ -194,13 +217,15 @@ class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
         return out + self._up(t), bias
 
 
-def quantize_bases(chunks) -> int:
-    """QLoRA: quantise every LoRA layer's base weight (after the weights were initialised or loaded). Returns the
-    bytes now held by the quantised bases on this rank."""
-    total = 0
+def quantize_bases(chunks):
+    """QLoRA: quantise every LoRA layer's base weight (after the weights were initialised or loaded; collective over
+    the TP group). Returns (bytes now held by the quantised bases on this rank, names of the weights quantised per
+    shard because their shard rows are not whole 64-value blocks: those differ from the TP 1 model's)."""
+    total, alone = 0, []
     for chunk in chunks:
-        for module in chunk.modules():
+        for name, module in chunk.named_modules():
             if isinstance(module, _LoRAMixin) and module.qlora and module.quantized is None:
-                module.quantize_base()
+                if not module.quantize_base():
+                    alone.append(f"{name}.weight")
                 total += module.quantized.nbytes
-    return total
+    return total, alone

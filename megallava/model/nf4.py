@@ -10,11 +10,22 @@ byte (absmax2) ~= 0.516 bytes per parameter.
 Pure torch, the format's definition: every value (4-bit codes and 8-bit absmax codes) goes to its nearest level,
 as bitsandbytes' reference ("default" backend) kernels do. Against bitsandbytes 0.50.2's own CPU kernels
 (tests/test_lora.py): the packed 4-bit codes, absmax2 and offset are bitwise equal; its 8-bit absmax quantiser is
-an approximate search that puts ~0.4% of the absmax codes one level off the nearest, so those differ by one level. On GPU,
-``dequantize`` runs as ordinary torch ops (a lookup and a multiply per value).
+an approximate search that puts ~0.4% of the absmax codes one level off the nearest, so those differ by one level. On
+CUDA with bitsandbytes installed, ``dequantize`` runs its fused kernel (same values); otherwise torch ops.
+
+Tensor parallelism (``quantize_shard``): a TP rank holds a shard of the weight, and quantising the shard alone would
+give other blocks, another offset and other second-level groups than the whole weight, so QLoRA would train a
+different model at every TP size. Instead each rank quantises its shard *as part of the whole (TP 1) weight*: when
+the shard's rows are whole 64-value blocks of the full weight's rows (the input width per rank a multiple of 64:
+true of every LLaMA shape up to TP 8 but 7B's fc2 at TP 8), the 4-bit codes and absmax values are the full weight's
+own; the absmax values are all-gathered over the TP group (1/64 of the weight, once at load) to place them in the full
+weight's order, and the double quantisation runs on that full vector. Each rank keeps its blocks' 8-bit codes, the
+full weight's absmax2 (1/16384 of its elements) and offset, and where its blocks sit in the full weight
+(``ShardBlocks``), so its dequantised shard is bitwise the TP 1 weight's slice.
 """
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 
@@ -63,16 +74,34 @@ def _nearest(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2, out_int32=True)
 
 
+@dataclass(frozen=True)
+class ShardBlocks:
+    """Where a TP shard's blocks sit in the full weight (2-D, blocks of 64 along its rows): ``rows`` = ranges
+    (local first row, count, full first row) covering the shard's rows in order, ``blocks_per_row`` of the full
+    weight, ``col0`` = the full block column of the shard's first block."""
+    rows: Tuple[Tuple[int, int, int], ...]
+    blocks_per_row: int
+    col0: int
+
+    def index(self, local_blocks_per_row: int, device) -> torch.Tensor:
+        """Full-weight block index of each local block, in the shard's row-major order."""
+        full_rows = torch.cat([torch.arange(f, f + n, device=device) for _, n, f in self.rows])
+        cols = torch.arange(self.col0, self.col0 + local_blocks_per_row, device=device)
+        return (full_rows[:, None] * self.blocks_per_row + cols).reshape(-1)
+
+
 @dataclass
 class NF4Tensor:
     """A quantised weight: packed codes [ceil(n/2)] uint8, absmax codes [blocks] uint8, absmax2 [blocks2] fp32,
-    offset (fp32 scalar), shape and dtype of the original."""
+    offset (fp32 scalar), shape and dtype of the original; ``blocks`` when it is a TP shard quantised as part of the
+    full weight (absmax2 and offset are then the full weight's), None for a whole weight in bitsandbytes' layout."""
     packed: torch.Tensor
     absmax_codes: torch.Tensor
     absmax2: torch.Tensor
     offset: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
+    blocks: Optional[ShardBlocks] = None
 
     @property
     def nbytes(self) -> int:
@@ -80,26 +109,68 @@ class NF4Tensor:
 
     def to(self, device) -> "NF4Tensor":
         return NF4Tensor(self.packed.to(device), self.absmax_codes.to(device), self.absmax2.to(device),
-                         self.offset.to(device), self.shape, self.dtype)
+                         self.offset.to(device), self.shape, self.dtype, self.blocks)
 
 
-def quantize(weight: torch.Tensor) -> NF4Tensor:
-    """weight (any float dtype, any shape) -> NF4 with double-quantised absmax (bitsandbytes' quantize_4bit with
-    blocksize=64, compress_statistics=True, quant_type='nf4')."""
+def storage_bytes(numel: int, full_numel: Optional[int] = None) -> int:
+    """Bytes of an NF4Tensor of ``numel`` values: packed 4-bit codes, an 8-bit absmax code per 64, an fp32 absmax2
+    per 256 blocks (of the full weight's ``full_numel`` values for a shard quantised as part of it) and the offset."""
+    blocks = -(-(full_numel or numel) // BLOCK)
+    return -(-numel // 2) + -(-numel // BLOCK) + 4 * -(-blocks // BLOCK2) + 4
+
+
+def _codes(weight: torch.Tensor):
+    """The 4-bit half: packed codes and the fp32 absmax of each 64-value block of the flattened weight."""
     flat = weight.detach().reshape(-1).float()
     absmax, scaled = _blockwise(flat, BLOCK)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     q = _nearest(scaled, _levels(flat.device)).to(torch.uint8)
-    packed = (q[::2] << 4) | q[1::2]
+    return (q[::2] << 4) | q[1::2], absmax
+
+
+def _double_quant(absmax: torch.Tensor):
+    """The 8-bit half: absmax values minus their mean, in blocks of 256, each on the signed dynamic map."""
     offset = absmax.mean()
     absmax2, scaled2 = _blockwise(absmax - offset, BLOCK2)
-    absmax_codes = _nearest(scaled2, dynamic_map().to(flat.device)).to(torch.uint8)
-    return NF4Tensor(packed, absmax_codes, absmax2, offset, weight.shape, weight.dtype)
+    return _nearest(scaled2, dynamic_map().to(absmax.device)).to(torch.uint8), absmax2, offset
+
+
+def quantize(weight: torch.Tensor) -> NF4Tensor:
+    """weight (any float dtype, any shape) -> NF4 with double-quantised absmax (bitsandbytes' quantize_4bit with
+    blocksize=64, compress_statistics=True, quant_type='nf4')."""
+    packed, absmax = _codes(weight)
+    return NF4Tensor(packed, *_double_quant(absmax), weight.shape, weight.dtype)
+
+
+def quantize_shard(shard: torch.Tensor, blocks: ShardBlocks, full_rows: int, group) -> NF4Tensor:
+    """This rank's shard of a 2-D weight, quantised as part of the full weight (module docstring): collective over
+    ``group`` (every rank holding a shard of the weight, with equal shard shapes). The shard's row width must be a
+    multiple of 64."""
+    import torch.distributed as dist
+
+    rows, width = shard.shape
+    if width % BLOCK:
+        raise ValueError(f"a shard row of {width} values is not a whole number of {BLOCK}-value blocks")
+    packed, absmax = _codes(shard)
+    index = blocks.index(width // BLOCK, absmax.device)
+    world = dist.get_world_size(group)
+    absmaxes, indices = [torch.empty_like(absmax) for _ in range(world)], [torch.empty_like(index) for _ in range(world)]
+    dist.all_gather(absmaxes, absmax, group=group)
+    dist.all_gather(indices, index, group=group)
+    full = torch.full((full_rows * blocks.blocks_per_row,), float("nan"), device=absmax.device)
+    full[torch.cat(indices)] = torch.cat(absmaxes)
+    if torch.isnan(full).any():
+        raise RuntimeError("quantize_shard: the shards do not cover the full weight (wrong ShardBlocks)")
+    codes, absmax2, offset = _double_quant(full)
+    return NF4Tensor(packed, codes[index], absmax2, offset, shard.shape, shard.dtype, blocks)
 
 
 def dequantize_absmax(t: NF4Tensor) -> torch.Tensor:
     code = dynamic_map().to(t.absmax_codes.device)[t.absmax_codes.long()]
+    if t.blocks is not None:
+        group = t.blocks.index(t.shape[-1] // BLOCK, code.device) // BLOCK2
+        return code * t.absmax2[group] + t.offset
     n = code.numel()
     blocks2 = t.absmax2.numel()
     padded = torch.nn.functional.pad(code, (0, blocks2 * BLOCK2 - n)).view(blocks2, BLOCK2)
@@ -107,9 +178,13 @@ def dequantize_absmax(t: NF4Tensor) -> torch.Tensor:
 
 
 def bnb_quant_state(t: NF4Tensor):
-    """The same quantised weight as a bitsandbytes QuantState (for its fused dequantisation kernel)."""
+    """The same quantised weight as a bitsandbytes QuantState (for its fused dequantisation kernel). A shard's
+    second-level groups are the full weight's, not bitsandbytes' contiguous ones: its absmax goes in dequantised."""
     from bitsandbytes.functional import QuantState
 
+    if t.blocks is not None:
+        return QuantState(absmax=dequantize_absmax(t), shape=t.shape, code=_levels(t.packed.device), blocksize=BLOCK,
+                          quant_type="nf4", dtype=t.dtype)
     state2 = QuantState(absmax=t.absmax2, code=dynamic_map().to(t.absmax2.device), blocksize=BLOCK2,
                         dtype=torch.float32)
     return QuantState(absmax=t.absmax_codes, shape=t.shape, code=_levels(t.packed.device), blocksize=BLOCK,

@@ -282,6 +282,7 @@ def save(ckpt_dir: str, model: List, optimizer, scheduler, iteration: int, keep:
                                  keep=_trainable if lora_base else None)
         if lora_base:
             sd["lora_base"] = os.path.abspath(lora_base)
+            sd["lora_base_identity"] = integrity.identity(lora_base)
         if hf_source.get():
             sd["hf_source"] = hf_source.get()
         sd["integrity"] = integrity.MANIFEST  # a checkpoint that says this and lacks the manifest is incomplete
@@ -527,6 +528,13 @@ def load(path: str, model: List, optimizer, scheduler, load_optimizer: bool = Tr
             raise CheckpointError(f"LoRA checkpoint {ckpt} holds only the trained parameters; its frozen weights come "
                                   f"from {base}, which does not exist: restore it (the path is in its common.pt)",
                                   collective=True)
+        want, have = common.get("lora_base_identity"), integrity.identity(base)
+        if want is not None and want != have:
+            raise CheckpointError(f"LoRA checkpoint {ckpt} was trained on the frozen weights in {base} (identity "
+                                  f"{want}), but that directory now holds other files (identity {have}): the "
+                                  f"adapters belong to the old weights. Restore the original base at that path, or "
+                                  f"train new adapters from this base (checkpoint.load={base} "
+                                  f"checkpoint.finetune=true)", collective=True)
         faults.note(f"loading the frozen base weights of {ckpt} from {base}")
         load(base, model, None, None, load_optimizer=False)
     saved_layout, iteration = common.get("layout"), 0 if weights_only else int(common["iteration"])

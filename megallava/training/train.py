@@ -281,9 +281,14 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     if cfg.lora.quantize:
         from megallava.model.lora import quantize_bases
 
-        held = quantize_bases(chunks)
+        held, alone = quantize_bases(chunks)
         if rank0:
             print(f"QLoRA: base weights quantised to NF4 ({held / 2 ** 20:.1f} MiB on rank 0)", flush=True)
+            if alone:
+                print(f"QLoRA: {len(alone)} base weights (e.g. {alone[0]}) have per-rank rows that are not whole "
+                      f"64-value NF4 blocks at tp={parallel_state.get_tensor_model_parallel_world_size()}: each shard "
+                      f"was quantised alone, so this model differs slightly from the same QLoRA run at another tp",
+                      flush=True)
     if rank0:
         print(banner(cfg, chunks, env.world_size, start, to_load), flush=True)
     faults.note("start-up: starting the data loaders")
