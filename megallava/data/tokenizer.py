@@ -36,6 +36,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def piece_to_id(self, piece: str) -> Optional[int]:
+        """The id of ``piece`` as one whole token of the vocabulary (e.g. "<image>"), None if it has none."""
+        raise NotImplementedError
+
+    def id_to_piece(self, i: int) -> str:
+        raise NotImplementedError
+
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     pad_id: int = 0
@@ -70,6 +77,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
+
+    def piece_to_id(self, piece: str) -> Optional[int]:
+        found = self.sp.piece_to_id(piece)  # unknown pieces give unk's id
+        return found if 0 <= found < self.sp.get_piece_size() and self.sp.id_to_piece(found) == piece else None
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
 
     @property
     def bos_id(self):
@@ -112,6 +126,14 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def piece_to_id(self, piece: str) -> Optional[int]:
+        found = self.tok.convert_tokens_to_ids(piece)  # unknown tokens give unk's id (or None)
+        ok = isinstance(found, int) and found != self.tok.unk_token_id and self.tok.convert_ids_to_tokens(found) == piece
+        return found if ok else None
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.convert_ids_to_tokens(i)
 
     @property
     def bos_id(self):
@@ -156,19 +178,46 @@ def image_token_settings(path: str, token: str = IMAGE_TOKEN) -> Dict[str, int]:
     """``{"vocab_size": ..., "image_token_id": ...}`` for training with an in-vocab ``token`` and the tokenizer at
     ``path``: the token's id if the tokenizer already has it, else the tokenizer's size (the id
     ``add_image_token`` gives it), and a vocab just large enough to hold it."""
-    if _is_sentencepiece(path):
-        sp = SentencePieceTokenizer(path).sp
-        n, found = sp.get_piece_size(), sp.piece_to_id(token)
-        existing = found if 0 <= found < n and sp.id_to_piece(found) == token else None
-    else:
-        tok = HFTokenizer(path).tok
-        n = len(tok)
-        found = tok.convert_tokens_to_ids(token)
-        existing = found if isinstance(found, int) and found != tok.unk_token_id and \
-            tok.convert_ids_to_tokens(found) == token else None
+    tok = SentencePieceTokenizer(path) if _is_sentencepiece(path) else HFTokenizer(path)
+    n, existing = tok.vocab_size, tok.piece_to_id(token)
     if existing is not None:
         return {"vocab_size": n, "image_token_id": existing}
     return {"vocab_size": n + 1, "image_token_id": n}
+
+
+def image_token_problems(tok: Tokenizer, path: str, vocab_size: int, image_token_id: int) -> List[str]:
+    """What is wrong with ``model.image_token_id`` / ``model.vocab_size`` for the tokenizer ``tok`` (loaded from
+    ``path``), each problem with its fix (training/preflight.py reports them before any model is built).
+
+    A negative id (original LLaVA's -200) is never a vocab row: always fine. An id >= 0 is an embedding row, so it
+    must be the tokenizer's ``<image>`` (when the tokenizer holds one) or the first id after the tokenizer's last
+    (where ``add_image_token`` and the HF export put it), never a text token (every occurrence of that token in the
+    text would be taken for an image slot), and inside ``model.vocab_size``."""
+    if image_token_id < 0:
+        return []
+    n, have = tok.vocab_size, tok.piece_to_id(IMAGE_TOKEN)
+    want = have if have is not None else n
+    fix = (f"use model.image_token_id={want} and model.vocab_size={max(vocab_size, want + 1)} (python -m "
+           f"megallava.data.tokenizer image-token-settings {path}), or model.image_token_id=-200 (original LLaVA's "
+           f"out-of-vocab placeholder)")
+    problems = []
+    if have is not None and image_token_id != have:
+        text = f" (id {image_token_id} is the token {tok.id_to_piece(image_token_id)!r})" if image_token_id < n else ""
+        problems.append(f"model.image_token_id={image_token_id} but data.tokenizer {path} holds {IMAGE_TOKEN} at id "
+                        f"{have}{text}: image slots and the tokenizer's {IMAGE_TOKEN} would be different rows (the HF "
+                        f"export refuses such a model): {fix}")
+    elif have is None and image_token_id < n:
+        piece = tok.id_to_piece(image_token_id)
+        problems.append(f"model.image_token_id={image_token_id} is the text token {piece!r} of data.tokenizer {path}, "
+                        f"not {IMAGE_TOKEN}: every {piece!r} in the text would be taken for an image slot: {fix}")
+    elif have is None and image_token_id > n:
+        problems.append(f"model.image_token_id={image_token_id} is not the id after data.tokenizer {path}'s last one "
+                        f"({n}): the HF export adds {IMAGE_TOKEN} at id {n} and would refuse this model: {fix}")
+    if image_token_id >= vocab_size:
+        how = f"raise model.vocab_size to {image_token_id + 1}" if image_token_id == want else fix
+        problems.append(f"model.image_token_id={image_token_id} is outside the model's vocab (model.vocab_size="
+                        f"{vocab_size}: ids 0..{vocab_size - 1}), so it has no embedding row: {how}")
+    return problems
 
 
 def add_image_token(src: str, dst: str, token: str = IMAGE_TOKEN) -> Dict[str, object]:

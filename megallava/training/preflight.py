@@ -9,8 +9,8 @@ Contract (``check(cfg, env)``, collective; every rank raises the same error):
 - every rank checks each shard source's files against its manifest (present, with the manifest's byte sizes);
 - rank 0 checks ``data.seq_length`` against the shortest possible sample of each shard source: the template's
   fixed text (system prompt, role tags), its images (per-sample counts from the manifest when it has them, else
-  one) and 16 tokens of text, tokenized with ``data.tokenizer``; and the tokenizer's size against
-  ``model.vocab_size``.
+  one) and 16 tokens of text, tokenized with ``data.tokenizer``; the tokenizer's size against
+  ``model.vocab_size``; and ``model.image_token_id`` against the tokenizer (data/tokenizer.image_token_problems).
 Config problems raise ConfigError (exit 2, like validate); the others PreflightError (exit 2), all problems at
 once, each with its fix.
 """
@@ -137,7 +137,7 @@ def _seq_length(cfg) -> List[str]:
     """Config problems: seq_length against the shortest sample of each source; tokenizer size against the vocab."""
     from megallava.data.shards import load_manifest
     from megallava.data.templates import TemplateError, encode_conversation
-    from megallava.data.tokenizer import load_tokenizer
+    from megallava.data.tokenizer import image_token_problems, load_tokenizer
 
     d, m = cfg.data, cfg.model
     try:
@@ -148,6 +148,7 @@ def _seq_length(cfg) -> List[str]:
     if tok.vocab_size > m.vocab_size:
         problems.append(f"data.tokenizer {d.tokenizer} has {tok.vocab_size} tokens but model.vocab_size="
                         f"{m.vocab_size}: raise model.vocab_size or use the model's tokenizer")
+    problems += image_token_problems(tok, d.tokenizer, m.vocab_size, m.image_token_id)
     per_image = C.image_tokens_per_image(cfg)
     for i, s in enumerate(d.sources):
         try:
