@@ -598,6 +598,8 @@ class StaticMemory:
     trainable: int = 0        # trainable parameters on this rank (elements)
     total_params: int = 0     # parameters on this rank (elements)
     shard_params: int = 0     # trainable elements whose optimizer state this rank holds
+    nf4: int = 0              # bytes of QLoRA's NF4 bases (part of ``params``)
+    nf4_params: int = 0       # base weight elements they hold
 
     @property
     def total(self) -> int:
@@ -625,7 +627,10 @@ def static_memory(cfg, layout: Layout, pp_rank: int, dp_rank: int = 0, structure
             if p.trainable:
                 numels.append(k)
             elif p.nf4:
-                out.params += nf4_bytes(p, layout.tp)
+                b = nf4_bytes(p, layout.tp)
+                out.params += b
+                out.nf4 += b
+                out.nf4_params += k
             else:
                 out.params += k * pbytes
         out.trainable += sum(numels)
@@ -1331,10 +1336,16 @@ def format_plan(res: PlanResult, top: int = 12) -> str:
     lines.append("  overrides: " + " ".join(b.layout.overrides()))
     lines.append("")
     lines.append(f"{'layout':44s} {'GiB':>7s} {'step s':>8s} {'tok/s/GPU':>10s} {'MFU':>6s}  why not")
-    shown = {(b.layout.tp, b.layout.pp, b.layout.vpp)}
+    # one row per TP x PP x VPP shape; at one given shape (--tp/--pp/--dp), one per micro-batch x recompute
+    one_shape = len({(e.layout.tp, e.layout.pp, e.layout.vpp, e.layout.dp) for e in res.estimates}) == 1
+
+    def key_of(lay):
+        return (lay.micro_batch, lay.recompute, lay.recompute_modules) if one_shape else (lay.tp, lay.pp, lay.vpp)
+
+    shown = {key_of(b.layout)}
     rows = []
     for e in res.estimates:
-        key = (e.layout.tp, e.layout.pp, e.layout.vpp)
+        key = key_of(e.layout)
         if key in shown or e is b:
             continue
         shown.add(key)
@@ -1348,6 +1359,145 @@ def format_plan(res: PlanResult, top: int = 12) -> str:
 def gpu_hours(e: Estimate, samples: int, global_batch: int) -> float:
     steps = math.ceil(samples / global_batch)
     return steps * e.step_s * e.layout.gpus / 3600
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One given layout; full / LoRA / QLoRA side by side
+# ------------------------------------------------------------------------------------------------------------------
+
+# --recompute names -> (train.recompute, train.recompute_modules)
+RECOMPUTE_CHOICES = {"none": ("none", ("core_attn",)), "core_attn": ("selective", ("core_attn",)),
+                     "core_attn+mlp": ("selective", ("core_attn", "mlp")), "full": ("full", ("core_attn",))}
+
+
+def layout_problems(cfg, layout: Layout) -> List[str]:
+    """What the trainer's own validation (``config.validate``) says of ``cfg`` at ``layout``; data and checkpoint
+    paths are left out (a plan reads neither)."""
+    c = apply_layout(cfg, layout)
+    c.data.source, c.data.valid_sources, c.train.eval_interval = "synthetic", [], 0
+    c.checkpoint = C.CheckpointConfig()
+    try:
+        C.validate(c, layout.gpus)
+    except C.ConfigError as e:
+        return list(e.problems)
+    return []
+
+
+def fixed_layouts(cfg, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, dp: int = 1,
+                  micro_batches: Optional[Sequence[int]] = None, recompute: Optional[Sequence[str]] = None,
+                  global_batch: Optional[int] = None) -> List[Layout]:
+    """Every way to run exactly TP x PP x VPP x DP: each micro-batch size (default 1-16, those dividing the global
+    batch per DP rank) x each recompute setting (default all of ``RECOMPUTE_CHOICES``), with sequence parallelism
+    when tp > 1 and overlapped DP communication when dp > 1, as the trainer runs them; a pipeline split that is not
+    even is the trainer's balanced one (stage 0 fewest). Raises ValueError with the trainer's reasons when the
+    config cannot run at this layout."""
+    gb = global_batch or cfg.train.global_batch_size
+    L = cfg.model.num_layers
+    chunks = pp * (vpp or 1)
+    split = tuple(C.balanced_split(L, chunks)) if pp > 1 and L >= chunks and L % chunks else None
+    out: List[Layout] = []
+    problems: List[str] = []
+    for mb in micro_batches or (1, 2, 4, 8, 16):
+        if gb % (mb * dp):
+            if micro_batches:
+                problems.append(f"train.micro_batch_size={mb} x dp {dp} does not divide the global batch {gb}")
+            continue
+        for name in recompute or RECOMPUTE_CHOICES:
+            rc, mods = RECOMPUTE_CHOICES[name]
+            lay = Layout(tp, pp, vpp, dp, mb, rc, mods, tp > 1, split, True, dp > 1)
+            why = layout_problems(cfg, lay)
+            problems += [w for w in why if w not in problems]
+            if not why:
+                out.append(lay)
+    if not out:
+        raise ValueError(f"TP{tp} PP{pp}" + (f" VPP{vpp}" if vpp else "") + f" DP{dp} cannot run this config: "
+                         + ("; ".join(problems) or f"no micro-batch size divides the global batch {gb} / dp {dp}"))
+    return out
+
+
+def model_params(cfg, layout: Layout, structure: Optional[StructureCache] = None) -> Tuple[int, int]:
+    """(parameters, trainable parameters) of the whole model: TP 1 counts summed over its pipeline chunks (the
+    paper's count: LoRA-64 on every linear of 33B = 0.49B trainable)."""
+    st = structure or structures(cfg)
+    total = trainable = 0
+    for r in range(layout.pp):
+        for spec in rank_chunks(cfg, layout, r):
+            for p in st.get(*spec):
+                total += p.numel
+                trainable += p.numel if p.trainable else 0
+    return total, trainable
+
+
+def static_by_rank(cfg, layout: Layout, structure: Optional[StructureCache] = None) -> List[dict]:
+    """``static_memory`` (bytes) of every pipeline rank, for DP rank 0 and the last DP rank (which owns the
+    distributed optimizer's padding, so its shard can be smaller); TP ranks hold the same bytes."""
+    st = structure or structures(cfg)
+    out = []
+    for r in range(layout.pp):
+        for d in sorted({0, layout.dp - 1}):
+            sm = static_memory(cfg, layout, r, d, st)
+            out.append({"pp_rank": r, "dp_rank": d, "params_bytes": sm.params, "grads_bytes": sm.grads,
+                        "optimizer_bytes": sm.optimizer, "total_bytes": sm.total, "trainable": sm.trainable,
+                        "params": sm.total_params, "nf4_bytes": sm.nf4, "nf4_params": sm.nf4_params})
+    return out
+
+
+def compare_methods(cfgs: Dict[str, C.Config], cl: Cluster, layouts=None, workload=None,
+                    calib: Optional[Calibration] = None) -> List[dict]:
+    """One row per method (``{"full": cfg, "lora-64": cfg, ...}``): trainable parameters of the whole model and per
+    GPU, and the exact weight / grad / optimizer bytes of the most loaded GPU, at ``layouts(cfg)`` (a fixed
+    TP/PP/DP: its micro-batch and recompute choices) or, when None, at the layout the planner recommends for that
+    method; plus that layout's predicted peak memory and speed. Everything is computed from meta-device builds:
+    nothing is allocated."""
+    calib = calib or calibration()
+    rows = []
+    for method, cfg in cfgs.items():
+        wl = workload(cfg) if workload else default_workload(cfg)
+        res = plan(cfg, cl, wl, calib, layouts=layouts(cfg) if layouts else None)
+        e = res.best or min(res.estimates, key=lambda x: x.memory_gib)
+        st = structures(cfg)
+        c = apply_layout(cfg, e.layout)
+        ranks = static_by_rank(c, e.layout, st)
+        worst = max(ranks, key=lambda x: x["total_bytes"])
+        total, trainable = model_params(c, e.layout, st)
+        nf4_b, nf4_n = worst["nf4_bytes"], worst["nf4_params"]
+        rows.append({"method": method, "global_batch": wl.global_batch, "layout": e.layout.label(),
+                     "layout_fields": dataclasses.asdict(e.layout), "overrides": e.layout.overrides(),
+                     "gpus": e.layout.gpus, "params": total, "trainable": trainable, "ranks": ranks,
+                     "most_loaded": worst, "nf4_bytes_per_param": nf4_b / nf4_n if nf4_n else None,
+                     "fits": e.fits, "peak_gib": e.memory_gib, "step_s": e.step_s,
+                     "tokens_per_s_per_gpu": e.tokens_per_s / e.layout.gpus, "layouts_evaluated": len(res.estimates),
+                     "layouts_fit": len(res.fitting())})
+    return rows
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e8 else f"{n / 1e6:.3g}M" if n >= 1e5 else f"{n:,}"
+
+
+def format_methods(rows: List[dict], cl: Cluster, fixed: Optional[str] = None) -> str:
+    """The per-method table: trainable parameters, per-GPU weights / grads / optimizer states (GiB of the exact
+    bytes; ``--json`` has the bytes), then the layout's predicted peak and speed."""
+    where = (f"at {fixed}" if fixed else "at each method's recommended layout") + \
+        f" on {cl.nodes} x {cl.gpus_per_node} {cl.gpu.name} ({cl.usable_gib:.1f} GiB usable)"
+    lines = [f"Trainable parameters and memory by method {where}; per GPU = the most loaded rank (GiB = 2^30 "
+             f"bytes; exact bytes: --json)",
+             f"{'method':10s} {'trainable (whole model)':>27s} {'per GPU':>8s} {'weights':>8s} {'grads':>7s} "
+             f"{'optim':>7s} {'W+G+O':>7s} | {'layout (best micro-batch, recompute)':38s} {'peak':>6s} {'fits':>4s} "
+             f"{'tok/s/GPU':>9s}"]
+    for r in rows:
+        w = r["most_loaded"]
+        trained = f"{r['trainable']:,} ({_billions(r['trainable'])})"
+        lines.append(f"{r['method']:10s} {trained:>27s} {_billions(w['trainable']):>8s} "
+                     f"{w['params_bytes'] / GIB:8.2f} {w['grads_bytes'] / GIB:7.2f} {w['optimizer_bytes'] / GIB:7.2f} "
+                     f"{w['total_bytes'] / GIB:7.2f} | {r['layout']:38s} {r['peak_gib']:6.1f} "
+                     f"{'yes' if r['fits'] else 'NO':>4s} {r['tokens_per_s_per_gpu']:9,.0f}")
+    for r in rows:
+        if r["nf4_bytes_per_param"]:
+            w = r["most_loaded"]
+            lines.append(f"{r['method']}: NF4 bases {w['nf4_bytes'] / GIB:.2f} GiB for {_billions(w['nf4_params'])} "
+                         f"base parameters on that GPU = {r['nf4_bytes_per_param']:.3f} bytes/parameter")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1561,6 +1711,7 @@ def _parser():
         "  python -m megallava.plan --model 33b --method qlora-64 --nodes 1 --gpu a100-80gb\n"
         "  python -m megallava.plan --config run.yaml --nodes 4 --gpu h100-80gb\n"
         "  python -m megallava.plan --model 65b --method lora-64 --nodes 2 --zero 2   # DeepSpeed ZeRO-2 memory\n"
+        "  python -m megallava.plan --model 33b --method full,lora-64,qlora-64 --tp 2 --pp 2 --dp 2   # one layout\n"
         "  python -m megallava.plan paper-configs --out examples/configs/paper"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="plan", choices=("plan", "paper-configs"))
@@ -1568,7 +1719,9 @@ def _parser():
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to --config / the preset")
     p.add_argument("--model", default="7b", choices=sorted(MODELS), help="preset LLM (without --config)")
     p.add_argument("--stage", type=int, default=2, choices=(1, 2))
-    p.add_argument("--method", default="full", help="full | lora-R | qlora-R (e.g. lora-64, qlora-64)")
+    p.add_argument("--method", help="full | lora-R | qlora-R (e.g. lora-64, qlora-64), or a comma list "
+                                    "(full,lora-64,qlora-64): a table of trainable parameters and per-GPU weight, "
+                                    "grad and optimizer memory per method (default: full, or --config's own)")
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--image-size", type=int, default=336, choices=(224, 336))
     p.add_argument("--projector", default="linear", choices=("linear", "mlp2x_gelu"))
@@ -1577,7 +1730,14 @@ def _parser():
     p.add_argument("--images-per-sample", type=float)
     p.add_argument("--samples", type=int, default=80000, help="samples per epoch for the GPU-hour estimate")
     p.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS))
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, help="default 1, or enough for --tp x --pp x --dp")
+    g = p.add_argument_group("a given layout (instead of searching every one)")
+    g.add_argument("--tp", type=int, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, help="pipeline-parallel size (default 1)")
+    g.add_argument("--vpp", type=int, help="virtual pipeline chunks per pipeline rank (interleaved 1F1B)")
+    g.add_argument("--dp", type=int, help="data-parallel size (default: the GPUs / (tp x pp))")
+    g.add_argument("--micro-batch", type=int, help="default: the fastest of 1-16 that fits")
+    g.add_argument("--recompute", choices=sorted(RECOMPUTE_CHOICES), help="default: the fastest that fits")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nvlink-gbps", type=float, help="intra-node bus bandwidth per GPU, GB/s")
     p.add_argument("--internode-gbps", type=float, help="inter-node bus bandwidth per GPU, GB/s")
@@ -1589,42 +1749,111 @@ def _parser():
     return p
 
 
+def _method_configs(args) -> Dict[str, C.Config]:
+    """{method: config}: the preset (or --config) once per --method entry."""
+    methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
+    if args.config and not methods:
+        return {"config": C.load_config(args.config, args.overrides)}
+    out = {}
+    for method in methods or ["full"]:
+        kind, rank, quant = parse_method(method)
+        if args.config:
+            cfg = C.load_config(args.config, args.overrides)
+            cfg.lora.rank, cfg.lora.quantize = rank, quant
+        else:
+            cfg = workload_config(args.model, args.stage, method, args.seq_length, args.image_size,
+                                  projector=args.projector, global_batch=args.global_batch)
+            for o in args.overrides:
+                C._apply_override(cfg, o, problems := [])
+                if problems:
+                    raise SystemExit("\n".join(problems))
+        if args.global_batch:
+            cfg.train.global_batch_size = args.global_batch
+        out[method] = cfg
+    return out
+
+
+def _fixed(args) -> Optional[dict]:
+    """The given layout (--tp/--pp/--vpp/--dp/--micro-batch/--recompute), or None to search every layout; sets
+    args.nodes when only the layout says how many GPUs there are."""
+    keys = ("tp", "pp", "vpp", "dp", "micro_batch", "recompute")
+    if all(getattr(args, k) is None for k in keys):
+        args.nodes = args.nodes or 1
+        return None
+    tp, pp = args.tp or 1, args.pp or 1
+    if args.dp is None:
+        world = (args.nodes or 1) * args.gpus_per_node
+        if world % (tp * pp):
+            raise SystemExit(f"--tp {tp} x --pp {pp} does not divide the {world} GPUs of {args.nodes or 1} node(s): "
+                             f"give --dp or --nodes")
+        dp = world // (tp * pp)
+        args.nodes = args.nodes or 1
+    else:
+        dp = args.dp
+        need = -(-tp * pp * dp // args.gpus_per_node)
+        if args.nodes is not None and args.nodes < need:
+            raise SystemExit(f"TP{tp} x PP{pp} x DP{dp} = {tp * pp * dp} GPUs do not fit on {args.nodes} node(s) of "
+                             f"{args.gpus_per_node}")
+        args.nodes = args.nodes or need
+    return {"tp": tp, "pp": pp, "vpp": args.vpp, "dp": dp,
+            "micro_batches": [args.micro_batch] if args.micro_batch else None,
+            "recompute": [args.recompute] if args.recompute else None}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "paper-configs":
         write_paper_configs(args.out, args.gpu, args.tokens_per_sample)
         return 0
-    if args.config:
-        cfg = C.load_config(args.config, args.overrides)
-    else:
-        cfg = workload_config(args.model, args.stage, args.method, args.seq_length, args.image_size,
-                              projector=args.projector, global_batch=args.global_batch)
-        if args.overrides:
-            for o in args.overrides:
-                C._apply_override(cfg, o, problems := [])
-                if problems:
-                    raise SystemExit("\n".join(problems))
-    if args.global_batch:
-        cfg.train.global_batch_size = args.global_batch
+    cfgs = _method_configs(args)
+    fixed = _fixed(args)
     cl = cluster(args.gpu, args.nodes, args.gpus_per_node, args.nvlink_gbps, args.internode_gbps, args.memory_gib)
-    wl = default_workload(cfg, args.tokens_per_sample, args.images_per_sample)
-    res = plan(cfg, cl, wl)
-    print(format_plan(res, args.top))
-    if res.best:
-        hours = gpu_hours(res.best, args.samples, wl.global_batch)
-        print(f"\n{args.samples:,} samples (one epoch) at {wl.tokens_per_sample} tokens/sample: "
-              f"{hours:.1f} GPU-hours = {hours / cl.gpus_per_node:.2f} node-hours, "
-              f"{hours / cl.world_size:.2f} h wall on {cl.world_size} GPUs")
+
+    def workload(cfg):
+        return default_workload(cfg, args.tokens_per_sample, args.images_per_sample)
+
+    def layouts(cfg):
+        try:
+            return fixed_layouts(cfg, global_batch=workload(cfg).global_batch, **fixed)
+        except ValueError as e:
+            raise SystemExit(f"megallava.plan: {e}")
+
+    out = {}
+    if len(cfgs) > 1:
+        rows = compare_methods(cfgs, cl, layouts if fixed else None, workload)
+        label = None
+        if fixed:
+            label = f"TP{fixed['tp']} PP{fixed['pp']}" + (f" VPP{fixed['vpp']}" if fixed["vpp"] else "") + \
+                f" DP{fixed['dp']}"
+        print(format_methods(rows, cl, label))
+        out["methods"] = rows
+    else:
+        (method, cfg), = cfgs.items()
+        wl = workload(cfg)
+        res = plan(cfg, cl, wl, layouts=layouts(cfg) if fixed else None)
+        print(format_plan(res, args.top))
+        if res.best:
+            hours = gpu_hours(res.best, args.samples, wl.global_batch)
+            print(f"\n{args.samples:,} samples (one epoch) at {wl.tokens_per_sample} tokens/sample: "
+                  f"{hours:.1f} GPU-hours = {hours / cl.gpus_per_node:.2f} node-hours, "
+                  f"{hours / res.best.layout.gpus:.2f} h wall on {res.best.layout.gpus} GPUs")
+        if fixed:
+            rows = compare_methods(cfgs, cl, layouts, workload, res.calib)
+            print()
+            print(format_methods(rows, cl, res.best.layout.label() if res.best else None))
+            out["methods"] = rows
+        out.update({"best": res.best.to_dict() if res.best else None,
+                    "estimates": [e.to_dict() for e in res.estimates]})
     if args.zero:
-        z = zero_memory_gib(cfg, args.zero, cl.world_size)
-        verdict = "fits" if z["total"] <= cl.usable_gib else "OUT OF MEMORY"
-        print(f"\nDeepSpeed ZeRO-{args.zero} on {cl.world_size} GPUs (mb 1, gradient checkpointing): "
-              f"{z['total']:.1f} GiB/GPU ({verdict}; weights {z['weights']:.1f}, grads {z['grads']:.1f}, optimizer "
-              f"{z['optimizer']:.1f}, activations {z['activations'] + z['workspace']:.1f})")
+        for method, cfg in cfgs.items():
+            z = zero_memory_gib(cfg, args.zero, cl.world_size)
+            verdict = "fits" if z["total"] <= cl.usable_gib else "OUT OF MEMORY"
+            print(f"\n{method}: DeepSpeed ZeRO-{args.zero} on {cl.world_size} GPUs (mb 1, gradient checkpointing): "
+                  f"{z['total']:.1f} GiB/GPU ({verdict}; weights {z['weights']:.1f}, grads {z['grads']:.1f}, "
+                  f"optimizer {z['optimizer']:.1f}, activations {z['activations'] + z['workspace']:.1f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"best": res.best.to_dict() if res.best else None,
-                       "estimates": [e.to_dict() for e in res.estimates]}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 

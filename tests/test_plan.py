@@ -337,6 +337,55 @@ def test_plan_recommends_the_fastest_fitting_layout_and_says_why_others_lose():
     assert none.best is None and "NOTHING FITS" in P.format_plan(none) and "out of memory" in P.format_plan(none)
 
 
+def test_method_table_at_a_given_layout(capsys, tmp_path):
+    """`python -m megallava.plan --model 33b --method full,lora-64,qlora-64 --tp 2 --pp 2 --dp 2`: the paper's
+    trainable parameters (LoRA-64: 0.49B) and, per method, the weight / grad / optimizer bytes of every rank equal
+    static_memory's at that layout (which tests above check against the trainer's allocations), from meta-device
+    builds: a 33B model, 62 GiB in bf16, never exists in memory."""
+    import resource
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = tmp_path / "methods.json"
+    assert P.main(["--model", "33b", "--method", "full,lora-64,qlora-64", "--tp", "2", "--pp", "2", "--dp", "2",
+                   "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    with open(out) as f:
+        rows = {r["method"]: r for r in json.load(f)["methods"]}
+    assert list(rows) == ["full", "lora-64", "qlora-64"]
+    layout = P.Layout(2, 2, None, 2, sequence_parallel=True, overlap=True)   # static bytes: any micro-batch/recompute
+    for method, row in rows.items():
+        assert (row["layout_fields"]["tp"], row["layout_fields"]["pp"], row["layout_fields"]["dp"]) == (2, 2, 2)
+        cfg = P.workload_config("33b", 2, method)
+        assert len(row["ranks"]) == 4                                        # 2 pipeline ranks x DP ranks 0 and 1
+        for rk in row["ranks"]:
+            sm = P.static_memory(cfg, layout, rk["pp_rank"], rk["dp_rank"])
+            assert (rk["params_bytes"], rk["grads_bytes"], rk["optimizer_bytes"], rk["trainable"]) == \
+                (sm.params, sm.grads, sm.optimizer, sm.trainable), (method, rk)
+        w = row["most_loaded"]
+        assert w["total_bytes"] == max(rk["total_bytes"] for rk in row["ranks"])
+        line = next(x for x in text.splitlines() if x.startswith(method + " "))
+        assert f"{row['trainable']:,}" in line and f"{w['params_bytes'] / P.GIB:8.2f} {w['grads_bytes'] / P.GIB:7.2f} " \
+            f"{w['optimizer_bytes'] / P.GIB:7.2f} {w['total_bytes'] / P.GIB:7.2f}" in line, line
+    lora, qlora, full = rows["lora-64"], rows["qlora-64"], rows["full"]
+    assert round(lora["trainable"] / 1e9, 2) == 0.49 and lora["trainable"] == qlora["trainable"] == 494_410_240
+    assert "494,410,240 (0.494B)" in text
+    assert (full["params"], full["trainable"]) == (32_836_898_816, 32_545_989_632)   # the 0.29B ViT is frozen
+    # the most loaded GPU (stage 0: ViT + embedding): LoRA keeps the bf16 base and 16 bytes per trained parameter
+    # shard; QLoRA the same but an NF4 base; full fine-tuning 18 bytes per parameter / dp for the fp32 states
+    assert (lora["most_loaded"]["params_bytes"], lora["most_loaded"]["grads_bytes"],
+            lora["most_loaded"]["optimizer_bytes"]) == (16_902_299_136, 680_145_920, 1_020_219_380)
+    assert qlora["most_loaded"]["params_bytes"] == 4_993_309_536 and 0.51 < qlora["nf4_bytes_per_param"] < 0.52
+    assert (full["most_loaded"]["grads_bytes"], full["most_loaded"]["optimizer_bytes"]) == (32_553_604_096,
+                                                                                            48_830_406_876)
+    assert "= 0.516 bytes/parameter" in text
+    assert not full["fits"] and lora["fits"] and qlora["fits"]          # full FT of 33B needs more than one node
+    # nothing was allocated: the meta builds ran in a forked child (this session's fresh cache), neither process
+    # came near the 62 GiB of real bf16 weights
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 2 ** 20        # KiB: < 1 GiB
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 6 * 2 ** 20     # KiB: < 6 GiB
+    with pytest.raises(SystemExit, match="does not divide the global batch 64"):
+        P.main(["--model", "33b", "--method", "lora-64", "--tp", "2", "--dp", "4", "--micro-batch", "32"])
+
+
 def test_paper_configs_are_valid_and_state_their_layout():
     files = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "paper", "*.yaml")))
     assert len(files) == len(P.paper_grid()) == 90
