@@ -1619,9 +1619,10 @@ def _yaml_value(v):
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def render_paper_config(s: dict, res: PlanResult) -> str:
-    """One YAML file: a header comment (setting, recommended layout and why, launch command, placeholders) and the
-    keys that differ from the defaults plus the layout."""
+def render_paper_config(s: dict, res: PlanResult, path: str = "THIS_FILE") -> str:
+    """One YAML file: a header comment (setting, recommended layout and why, launch commands for SLURM and torchrun,
+    placeholders) and the keys that differ from the defaults plus the layout. ``path``: the file, as the launch
+    commands name it."""
     import yaml
     cfg = apply_layout(res.cfg, res.best.layout) if res.best else res.cfg
     b = res.best
@@ -1650,11 +1651,21 @@ def render_paper_config(s: dict, res: PlanResult) -> str:
             lines.append(f"#   {small.layout.label()}: {why_loses(small, b, cl)}")
     else:
         lines.append("# The planner finds no layout that fits on these nodes.")
-    lines += [f"# Launch (each node): torchrun --nnodes {nodes} --nproc-per-node 8 --node-rank $NODE_RANK "
-              f"--master-addr $MASTER --master-port 29500 -m megallava.train --config THIS_FILE",
+    start = ("checkpoints/" + s["model"] + "-base-megallava") if s["stage"] == 1 else \
+        f"checkpoints/llava-{s['model']}-stage1-{s['image_size']}px"
+    lines += [f"# Launch on SLURM ({nodes} node(s) x 8 GPUs, one task per GPU; see examples/slurm/train.sbatch):",
+              f"#   sbatch --nodes={nodes} examples/slurm/train.sbatch {path} checkpoint.load={start}",
+              "#   (train.sbatch passes checkpoint.load=auto, which only resumes the job's own checkpoints, so the "
+              "start weights",
+              "#   are named again after it; a requeued job then stops with an error instead of resuming its own "
+              "checkpoints.)",
+              f"# Or with torchrun on each node: torchrun --nnodes {nodes} --nproc-per-node 8 --node-rank $NODE_RANK "
+              f"--master-addr $MASTER",
+              f"#   --master-port 29500 -m megallava.train --config {path}",
               "# PLACEHOLDERS to replace: data.sources[*].path (shards from tools/make_shards.py), data.tokenizer,",
               "# checkpoint.load (stage 1: the LLM + CLIP converted with tools/convert_checkpoint.py hf-to-megatron;",
-              "# stage 2: the stage-1 checkpoint), checkpoint.dir, train.run_dir; train.iters = samples / global batch."]
+              "# stage 2: the stage-1 checkpoint), checkpoint.dir and train.run_dir (train.sbatch sets both per job);",
+              "# train.iters = samples / global batch."]
     d = C.to_dict(cfg)
     default = C.to_dict(C.Config())
     body = {}
@@ -1673,9 +1684,10 @@ def render_paper_config(s: dict, res: PlanResult) -> str:
             diff["run_dir"] = f"runs/{paper_config_name(s)[:-5]}"
             diff = {k: diff[k] for k in d[section] if k in diff}
         if section == "checkpoint":
-            diff = {"dir": f"checkpoints/{paper_config_name(s)[:-5]}", "interval": 500, "keep": 2,
-                    "load": ("checkpoints/" + s["model"] + "-base-megallava") if s["stage"] == 1 else
-                    f"checkpoints/llava-{s['model']}-stage1-{s['image_size']}px"}
+            # finetune: the weights of checkpoint.load, then iteration 1 with a fresh optimizer and schedule (stage 2
+            # after stage 1's last iteration needs it; for stage 1's converted base it is what happens anyway)
+            diff = {"dir": f"checkpoints/{paper_config_name(s)[:-5]}", "interval": 500, "keep": 2, "load": start,
+                    "finetune": True}
         if section == "lora" and cfg.lora.rank == 0:
             continue
         if diff:
@@ -1694,7 +1706,7 @@ def write_paper_configs(out_dir: str, gpu: str = "a100-80gb", tokens_per_sample:
         res = plan(cfg, cl, default_workload(cfg, tokens_per_sample))
         path = os.path.join(out_dir, paper_config_name(s))
         with open(path, "w") as f:
-            f.write(render_paper_config(s, res))
+            f.write(render_paper_config(s, res, os.path.normpath(path)))
         written.append(path)
         if log:
             log(f"{path}: {res.best.layout.label() if res.best else 'nothing fits'}")

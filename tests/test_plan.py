@@ -386,16 +386,26 @@ def test_method_table_at_a_given_layout(capsys, tmp_path):
         P.main(["--model", "33b", "--method", "lora-64", "--tp", "2", "--dp", "4", "--micro-batch", "32"])
 
 
-def test_paper_configs_are_valid_and_state_their_layout():
+def test_paper_configs_are_valid_and_state_their_layout(tmp_path):
     files = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "paper", "*.yaml")))
     assert len(files) == len(P.paper_grid()) == 90
     for path in files:
         with open(path) as f:
             header = f.read()
         assert "Planner's layout: TP" in header and "PLACEHOLDERS" in header, path
-        world = int(header.split("torchrun --nnodes ")[1].split()[0]) * 8
-        cfg = C.load_config(path, ["data.source=synthetic", "checkpoint.load=null"])
-        C.validate(cfg, world)
+        # the SLURM launch: this file, the planned node count, and the weights the stage starts from named again
+        # after train.sbatch's checkpoint.load=auto (which would otherwise start from random weights)
+        sbatch = next(line for line in header.splitlines() if "sbatch --nodes=" in line).split()
+        nodes = int(sbatch[2].split("=")[1])
+        assert sbatch[3:5] == ["examples/slurm/train.sbatch", os.path.relpath(path, ROOT)], sbatch
+        assert int(header.split("torchrun --nnodes ")[1].split()[0]) == nodes
+        raw = C.load_config(path)
+        assert sbatch[5:] == [f"checkpoint.load={raw.checkpoint.load}"] and raw.checkpoint.finetune, sbatch
+        job = ["data.source=synthetic", f"checkpoint.dir={tmp_path}/job/ckpt", "checkpoint.load=auto"]  # train.sbatch
+        cfg = C.load_config(path, job + [f"checkpoint.load={tmp_path}"])   # + the header's start weights
+        C.validate(cfg, nodes * 8)
+        with pytest.raises(C.ConfigError, match="checkpoint.finetune=true with checkpoint.load=auto"):
+            C.validate(C.load_config(path, job), nodes * 8)   # a bare sbatch line stops at once, loudly
         assert cfg.train.precision == "bf16"
         if "stage1" in path:
             assert not cfg.model.train_llm and cfg.train.lr == 1e-4
