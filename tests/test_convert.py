@@ -372,6 +372,104 @@ def test_original_llava_and_llama_clip_inputs(work, parts, hf_llava, converted):
                        b.read("projector.linear_2.weight"))
 
 
+@pytest.fixture(scope="module")
+def plain_llama(work, hub_tok):
+    """A LLaMA whose tokenizer fills its vocab and has no <image> (as LLaMA-7B..70B: 32000 tokens, vocab 32000): the
+    hub tokenizer's 499 pieces before <image> was added, in both forms a hub LLaMA directory carries (tokenizer.json
+    + tokenizer_config.json, and the sentencepiece tokenizer.model)."""
+    d = str(work / "llama_plain")
+    torch.manual_seed(1)
+    randomise_hf(LlamaForCausalLM(text_config(vocab_size=VOCAB - 1)).float()).save_pretrained(d)
+    write_tokenizer(d, hub_tok + "_sp_hf")
+    shutil.copy(os.path.join(hub_tok + "_sp", "tokenizer.model"), os.path.join(d, "tokenizer.model"))
+    return d
+
+
+def test_llama_clip_gets_an_in_vocab_image_token(work, parts, plain_llama, demo_data):
+    """hf-to-megatron of LLaMA + CLIP: <image> is added to the tokenizer copy at id = the old vocab (499), the
+    embedding and output layer grow by one row equal to the mean of the others, the model config and fingerprint
+    record vocab 500 / image token 499 and the conversion prints them; verify passes; a training run on the demo
+    shards with that tokenizer copy loads it; a run with the old settings is refused although the padded shapes
+    agree. --image-token -200 keeps original LLaVA's layout."""
+    from safetensors.torch import load_file
+    from sentencepiece import SentencePieceProcessor
+    from transformers import AutoTokenizer
+    from megallava.data.tokenizer import image_token_settings
+    from megallava.training.fingerprint import read as read_fingerprint
+
+    old = VOCAB - 1
+    out, lines = str(work / "from_llama_plain"), []
+    hf_to_megatron(plain_llama, out, vision=parts["vision"], log=lines.append)
+    assert f"the training config must use model.vocab_size: {old + 1}, model.image_token_id: {old}" in "\n".join(lines)
+    model = C.load_config(os.path.join(out, "megallava_model.yaml")).model
+    assert (model.vocab_size, model.image_token_id) == (old + 1, old)
+    fp = read_fingerprint(os.path.join(out, "iter_0000000"))
+    assert (fp["model"]["vocab_size"], fp["model"]["image_token_id"]) == (old + 1, old)
+    # the new rows: the mean of the LLaMA's rows (float64 accumulation, then fp32); the rest unchanged
+    hf = load_file(os.path.join(plain_llama, "model.safetensors"))
+    reader = dcp.CheckpointReader(out)
+    for key, hf_key in (("embedding.weight", "model.embed_tokens.weight"), ("output_layer.weight", "lm_head.weight")):
+        got, want = reader.read(key), hf[hf_key]
+        assert got.shape == (1024, 64) and torch.equal(got[:old], want), key
+        torch.testing.assert_close(got[old], want.double().mean(0).float(), rtol=0, atol=1e-7)
+        assert not got[old + 1:].any() and got[old].abs().sum() > 0
+    again = str(work / "from_llama_plain_again")
+    hf_to_megatron(plain_llama, again, vision=parts["vision"], log=QUIET)
+    assert torch.equal(dcp.CheckpointReader(again).read("embedding.weight"), reader.read("embedding.weight"))
+    # the tokenizer copy holds <image> at 499 in both forms; text encodes as before
+    tok_dir = os.path.join(out, "tokenizer")
+    hf_tok, orig = AutoTokenizer.from_pretrained(tok_dir), AutoTokenizer.from_pretrained(plain_llama)
+    assert hf_tok.convert_tokens_to_ids("<image>") == old and len(hf_tok) == old + 1
+    assert hf_tok("a photo <image>", add_special_tokens=False)["input_ids"][-1] == old
+    text = "USER: What is in the picture? ASSISTANT: A cat."
+    assert hf_tok(text)["input_ids"] == orig(text)["input_ids"]
+    assert SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model")).piece_to_id("<image>") == old
+    assert image_token_settings(tok_dir) == {"vocab_size": old + 1, "image_token_id": old}
+    assert image_token_settings(os.path.join(tok_dir, "tokenizer.model"))["image_token_id"] == old
+    assert verify(plain_llama, out, vision=parts["vision"], tolerance=1e-4, log=QUIET)["ok"]
+
+    def train(overrides, run_dir):
+        def fn(rank, env):
+            from megallava.convert.layout import local_pieces
+            from megallava.training.train import run
+
+            cfg = C.load_config(os.path.join(out, "megallava_model.yaml"), [
+                "train.iters=1", "train.global_batch_size=2", "train.micro_batch_size=2", "train.precision=fp32",
+                "train.lr=1e-30", "train.min_lr=0", f"train.run_dir={run_dir}", f"checkpoint.load={out}"] + overrides)
+            seen = {}
+            try:
+                records = run(cfg, env, on_iteration=lambda i, m, o: seen.update(local_pieces(m, ("embedding.weight",),
+                                                                                             0)))
+            except Exception as err:  # noqa: BLE001
+                return {"error": str(err)}
+            return {"loss": records[0]["loss"], "embedding": seen["embedding.weight"][1]}
+        return run_ranks(1, fn)[0]
+
+    shards = [f"data.sources=[{{path: {demo_data}/shards/instruct}}]", "data.source=shards", "data.num_workers=0",
+              "data.seq_length=256", f"data.tokenizer={tok_dir}"]
+    ran = train(shards, work / "train_plain")
+    assert "error" not in ran, ran
+    assert torch.isfinite(torch.tensor(ran["loss"]))
+    torch.testing.assert_close(ran["embedding"][:old + 1], reader.read("embedding.weight")[:old + 1], rtol=0,
+                               atol=1e-20)
+    stale = train(["model.vocab_size=499", "model.image_token_id=-200"], work / "train_stale")  # padded: 1024 too
+    assert "model.vocab_size: checkpoint 500, this run 499" in stale.get("error", ""), stale
+
+    # --image-token -200: original LLaVA's placeholder, the vocab and tokenizer as they are
+    kept = str(work / "from_llama_plain_200")
+    hf_to_megatron(plain_llama, kept, vision=parts["vision"], image_token=-200, log=QUIET)
+    m200 = C.load_config(os.path.join(kept, "megallava_model.yaml")).model
+    assert (m200.vocab_size, m200.image_token_id) == (old, -200)
+    assert AutoTokenizer.from_pretrained(os.path.join(kept, "tokenizer")).convert_tokens_to_ids("<image>") in (
+        None, 0)  # unknown: unk
+    assert torch.equal(dcp.CheckpointReader(kept).read("embedding.weight")[:old], hf["model.embed_tokens.weight"])
+    assert verify(plain_llama, kept, vision=parts["vision"], tolerance=1e-4, log=QUIET)["ok"]
+    for bad, flavour in ((dict(input=plain_llama, vision=parts["vision"], image_token=5), "a vocab id is chosen"),
+                         (dict(input=parts["mlp2x_gelu"], vision=parts["vision"], image_token=-1), "original-LLaVA")):
+        with pytest.raises(ConversionError, match=f"--image-token .* does not apply.*{flavour}"):
+            hf_to_megatron(output=str(work / "x"), log=QUIET, **bad)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs: a clear error naming the file / tensor, and no output directory left behind.
 # ---------------------------------------------------------------------------------------------------------------

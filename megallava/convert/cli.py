@@ -20,6 +20,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="projector to create when the input has none (LLaMA + CLIP; default mlp2x_gelu)")
     h.add_argument("--select-layer", type=int, help="ViT feature layer for LLaMA + CLIP (default -2: penultimate)")
     h.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised projector")
+    h.add_argument("--image-token", type=int,
+                   help="LLaMA + CLIP inputs: default an in-vocab <image> as llava-hf has it (the tokenizer's own, "
+                        "else added at the first free id; when that is the vocab size, embedding and output layer "
+                        "grow by one row, the mean of the others); -200 keeps original LLaVA's out-of-vocab "
+                        "placeholder and the vocab")
     h.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast the weights (default: keep the input's)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     h.add_argument("--quiet", action="store_true", help="no per-tensor progress")
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
 
             hf_to_megatron(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite, vision=args.vision,
                            projector=args.projector, projector_type=args.projector_type,
-                           select_layer=args.select_layer, seed=args.seed, log=_filtered(log, summary))
+                           select_layer=args.select_layer, seed=args.seed, image_token=args.image_token,
+                           log=_filtered(log, summary))
         elif args.command == "megatron-to-hf":
             from megallava.convert.megatron_to_hf import megatron_to_hf
 

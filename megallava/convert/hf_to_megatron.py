@@ -5,7 +5,8 @@ Output ROOT::
 
     ROOT/latest, ROOT/iter_0000000/     weights-only torch_dist checkpoint (checkpoint.load=ROOT at any TP/PP/VPP)
     ROOT/megallava_model.yaml           the model: section of a megallava config
-    ROOT/tokenizer/                     the tokenizer / processor files of the input
+    ROOT/tokenizer/                     the tokenizer / processor files of the input (LLaMA + CLIP: with <image>
+                                        added where the conversion put it, see convert/sources.py)
     ROOT/source_config.json             the input's HF config(s), so megatron-to-hf can restore token ids etc.
     ROOT/hf_extra/                      what megallava does not build, for megatron-to-hf to give back: every input
                                         tensor the checkpoint does not hold (ViT layers above the selected one,
@@ -20,6 +21,7 @@ when the trainer carries ``hf_source`` over into its saves).
 import json
 import os
 import shutil
+import tempfile
 import time
 
 import torch
@@ -101,15 +103,60 @@ def copy_tokenizer(files, dest: str) -> list:
     return [os.path.basename(p) for p in files]
 
 
+def add_image_token_to_copy(dest: str, want: int) -> None:
+    """Add ``<image>`` at id ``want`` to the tokenizer copy in ``dest``: to its HF form (tokenizer.json /
+    tokenizer_config.json: a special added token) and to its sentencepiece tokenizer.model (a CONTROL piece), so
+    whichever form is read holds it at the same id (megallava.data.tokenizer.add_image_token)."""
+    from megallava.data.tokenizer import add_image_token, image_token_settings
+
+    sp = os.path.join(dest, "tokenizer.model")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dest))) as tmp:
+        forms = []
+        if any(os.path.isfile(os.path.join(dest, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+            out = add_image_token(dest, os.path.join(tmp, "hf"))
+            forms.append(("HF tokenizer", out["image_token_id"]))
+            for name in os.listdir(out["path"]):
+                if name != "tokenizer.model":  # the sentencepiece file gets the token below
+                    shutil.copy2(os.path.join(out["path"], name), os.path.join(dest, name))
+        if os.path.isfile(sp):
+            out = add_image_token(sp, os.path.join(tmp, "tokenizer.model"))
+            forms.append(("tokenizer.model", out["image_token_id"]))
+            os.replace(out["path"], sp)
+    wrong = [f"{form} put it at id {got}" for form, got in forms if got != want]
+    if wrong:
+        raise ConversionError(f"adding <image> at id {want} to the tokenizer: {'; '.join(wrong)} (its forms disagree "
+                              f"on the vocab size): pass --image-token -200, or fix the input's tokenizer files")
+    for form, _ in forms:
+        path = dest if form == "HF tokenizer" else sp
+        assert image_token_settings(path)["image_token_id"] == want, path
+
+
+def write_fingerprint(iter_dir: str, model) -> None:
+    """The trainer's fingerprint.json for a converted checkpoint: the model definition (a run with another
+    vocab_size / image_token_id is refused at load, even where the padded shapes agree) and the saved shapes."""
+    import dataclasses
+
+    from megallava.training import fingerprint as fp
+
+    fp.write(iter_dir, {"model": {k: getattr(model, k) for k in fp.MODEL_KEYS},
+                        "vision": dataclasses.asdict(model.vision), "tokenizer": None},
+             {k: list(v) for k, v in sorted(fp.saved_shapes(iter_dir).items())})
+
+
+def settings_text(model) -> str:
+    """The model keys a training config must use with this checkpoint (besides the rest of megallava_model.yaml)."""
+    return f"model.vocab_size: {model.vocab_size}, model.image_token_id: {model.image_token_id}"
+
+
 def hf_to_megatron(input: str, output: str, dtype: str = None, overwrite: bool = False, vision: str = None,
                    projector: str = None, projector_type: str = None, select_layer: int = None, seed: int = 0,
-                   log=print) -> dict:
+                   image_token: int = None, log=print) -> dict:
     t0 = time.perf_counter()
     check_output(output, overwrite)  # before any reading: a wrong --output fails fast
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     source = open_source(input, vision=vision, projector=projector, projector_type=projector_type,
-                         select_layer=select_layer, seed=seed)
+                         select_layer=select_layer, seed=seed, image_token=image_token)
     source.check()
     model = source.model
     log(f"input: {source.flavour} checkpoint {input}" + (f" + vision tower {source.vision_dir}"
@@ -128,10 +175,13 @@ def hf_to_megatron(input: str, output: str, dtype: str = None, overwrite: bool =
     with atomic_output(output, overwrite) as tmp:
         name = dcp.iter_dirname(0)
         dcp.write_checkpoint(os.path.join(tmp, name), chunks, common, log)
+        write_fingerprint(os.path.join(tmp, name), model)
         dcp.write_latest(tmp, name)
         hf_config.write_model_yaml(os.path.join(tmp, hf_config.MODEL_YAML), model,
                                    f"from {source.flavour} {os.path.abspath(input)}")
         copied = copy_tokenizer(source.tokenizer_files, os.path.join(tmp, TOKENIZER_DIR))
+        if source.image_token and source.image_token.add_to_tokenizer:
+            add_image_token_to_copy(os.path.join(tmp, TOKENIZER_DIR), source.image_token.id)
         with open(os.path.join(tmp, SOURCE_CONFIG), "w") as f:
             json.dump({"flavour": source.flavour, **source.hf_configs}, f, indent=2)
         n_extra = write_extra(os.path.join(tmp, HF_EXTRA), source, DTYPES.get(dtype), log)
@@ -142,4 +192,8 @@ def hf_to_megatron(input: str, output: str, dtype: str = None, overwrite: bool =
     seconds = time.perf_counter() - t0
     log(f"wrote {output} ({total / 2 ** 30:.2f} GiB in {seconds:.1f} s); train from it with "
         f"--config {os.path.join(output, hf_config.MODEL_YAML)} checkpoint.load={output} (any parallel.tp/pp/vpp)")
+    log(f"the training config must use {settings_text(model)}" + (
+        f" (the LLM's vocab was {source.image_token.old_vocab}; data.tokenizer: "
+        f"{os.path.join(output, TOKENIZER_DIR)} holds <image>, or the input's tokenizer)"
+        if source.image_token and source.image_token.vocab != source.image_token.old_vocab else ""))
     return {"output": output, "bytes": total, "seconds": seconds, "flavour": source.flavour, "model": model}

@@ -528,6 +528,7 @@ def megatron_to_hf(input: str, output: str, config: str = None, tokenizer: str =
                 home.flavour in ("llava", "llama+clip") else None
             if original:
                 d = _set_dtype(dict(original), weight_dtype) if out_dtype else dict(original)
+                d["vocab_size"] = model.vocab_size  # a LLaMA + CLIP conversion may have grown it by <image>
             else:
                 text_cfg = hf_config.hf_text_config(model, text_src)
                 text_cfg.dtype = weight_dtype

@@ -6,6 +6,12 @@
   so its CLIP directory comes from ``--vision`` (or ``mm_vision_tower`` when that is a local directory);
 - ``llama+clip``: a plain HF LLaMA directory + ``--vision`` CLIP directory (+ ``--projector mm_projector.bin``), for
   stage 1 from scratch; without ``--projector`` the projector is freshly initialised (seeded, std 0.02, zero biases).
+  The image token is in the vocab, as llava-hf has it (``image_token=None``, the default): the tokenizer's own
+  ``<image>`` if it has one, else the first id after its last token; when that id is the LLM's vocab size (LLaMA:
+  32000 tokens, vocab 32000) the embedding and output layer grow by one row, initialised to the mean of the
+  existing rows (accumulated in float64: deterministic), and hf-to-megatron adds ``<image>`` to the tokenizer copy
+  it carries. ``image_token=-200`` keeps original LLaVA's out-of-vocab placeholder and the vocab as it is.
+  Original-LLaVA inputs keep -200; llava-hf inputs their ``image_token_index``.
 
 Every tensor is addressed by its short HF name (``lm.``, ``head.``, ``vit.``, ``proj.``; see convert/hf_names.py).
 """
@@ -52,6 +58,46 @@ class _Generated:
         return (torch.randn(self.shapes[name], generator=gen) * self.std).to(self.dtype)
 
 
+class _Grown:
+    """Vocab-row tensors (embedding, output layer) of another store with ``rows`` rows appended, each the mean of the
+    existing rows (summed in float64 blocks, then cast: the same rows on every run)."""
+    path = "<grown vocab>"
+
+    def __init__(self, store, rows: int):
+        self.store, self.rows = store, rows
+
+    def file_of(self, name):
+        return self.store.file_of(name)
+
+    def meta(self, name):
+        shape, dtype = self.store.meta(name)
+        return (shape[0] + self.rows,) + tuple(shape[1:]), dtype
+
+    def get(self, name):
+        t = self.store.get(name)
+        return torch.cat([t, mean_row(t).expand(self.rows, *t.shape[1:])])
+
+
+def mean_row(t: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """The mean of the rows of ``t`` [1, ...], accumulated in float64 block by block, in ``t``'s dtype."""
+    acc = torch.zeros(t.shape[1:], dtype=torch.float64)
+    for i in range(0, t.shape[0], block):
+        acc += t[i:i + block].to(torch.float64).sum(0)
+    return (acc / t.shape[0]).to(t.dtype).unsqueeze(0)
+
+
+@dataclass
+class ImageToken:
+    """How a LLaMA + CLIP conversion places ``<image>``: ``id`` in a vocab of ``vocab`` (``old_vocab`` in the input);
+    ``add_to_tokenizer``: the tokenizer lacks it and its copy gets it at ``id``; ``tokenizer``: the input tokenizer
+    the id was chosen for (None: the input has none)."""
+    id: int
+    old_vocab: int
+    vocab: int
+    add_to_tokenizer: bool
+    tokenizer: Optional[str]
+
+
 @dataclass
 class Source:
     flavour: str
@@ -62,6 +108,7 @@ class Source:
     hf_configs: Dict[str, dict] = field(default_factory=dict)  # original config.json(s), for the export
     notes: List[str] = field(default_factory=list)
     vision_dir: Optional[str] = None
+    image_token: Optional[ImageToken] = None        # llama+clip: where <image> goes (None: out of vocab / given)
 
     def where(self, short: str) -> str:
         store, name = self.tensors[short]
@@ -210,10 +257,57 @@ def detect(path: str) -> str:
         f"(+ --vision CLIP directory)")
 
 
+def _llm_tokenizer(path: str) -> Optional[str]:
+    """The LLM's tokenizer in an input directory as ``data.tokenizer`` would name it: the directory when it holds an
+    HF tokenizer (what megallava.data.tokenizer.load_tokenizer reads), else its sentencepiece tokenizer.model."""
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        return path
+    sp = os.path.join(path, "tokenizer.model")
+    return sp if os.path.isfile(sp) else None
+
+
+def in_vocab_image_token(path: str, vocab: int, where: str) -> ImageToken:
+    """Where ``<image>`` goes for a LLaMA of ``vocab`` rows whose directory ``path`` may hold its tokenizer."""
+    from megallava.data.tokenizer import IMAGE_TOKEN, load_tokenizer
+
+    tok_path = _llm_tokenizer(path)
+    if tok_path is None:
+        return ImageToken(vocab, vocab, vocab + 1, False, None)
+    try:
+        tok = load_tokenizer(tok_path)
+    except ValueError as err:
+        raise ConversionError(f"{tok_path}: cannot load the tokenizer to place {IMAGE_TOKEN} ({err}); pass "
+                              f"--image-token -200 for original LLaVA's out-of-vocab placeholder") from None
+    n, have = tok.vocab_size, tok.piece_to_id(IMAGE_TOKEN)
+    if have is not None:
+        if have >= vocab:
+            raise ConversionError(f"{tok_path} holds {IMAGE_TOKEN} at id {have}, outside the vocab of {where} "
+                                  f"(vocab_size={vocab}): not this model's tokenizer?")
+        return ImageToken(have, vocab, vocab, False, tok_path)
+    if n > vocab:
+        raise ConversionError(f"{tok_path} has {n} tokens but {where} has vocab_size={vocab}: not this model's "
+                              f"tokenizer?")
+    return ImageToken(n, vocab, max(vocab, n + 1), True, tok_path)
+
+
 def open_source(path: str, vision: str = None, projector: str = None, projector_type: str = None,
-                select_layer: int = None, seed: int = 0, resolve_vision_tower: bool = True) -> Source:
-    """Detect the flavour of ``path`` and index its tensors (nothing is read yet)."""
+                select_layer: int = None, seed: int = 0, resolve_vision_tower: bool = True,
+                image_token: Optional[int] = None) -> Source:
+    """Detect the flavour of ``path`` and index its tensors (nothing is read yet). ``image_token`` (LLaMA + CLIP
+    inputs): None = an in-vocab ``<image>`` (see the module docstring), a negative id = that out-of-vocab
+    placeholder (original LLaVA's -200)."""
     flavour = detect(path)
+    if image_token is not None:
+        problem = None
+        if flavour == "llava-hf":
+            problem = "a llava-hf input keeps its own image_token_index"
+        elif flavour == "llava" and image_token != hf_config.LLAVA_IMAGE_TOKEN_INDEX:
+            problem = f"an original-LLaVA input keeps its {hf_config.LLAVA_IMAGE_TOKEN_INDEX}"
+        elif image_token >= 0:
+            problem = ("a vocab id is chosen by the conversion (the tokenizer's <image>, else the first free id): "
+                       "leave --image-token out, or give a negative id (original LLaVA: -200)")
+        if problem:
+            raise ConversionError(f"--image-token {image_token} does not apply to {path}: {problem}")
     cfg = _read_json(os.path.join(path, "config.json"))
     problems: list = []
     tensors: dict = {}
@@ -310,9 +404,16 @@ def open_source(path: str, vision: str = None, projector: str = None, projector_
             ptype = "mlp2x_gelu"
         if ptype not in ("linear", "mlp2x_gelu"):
             raise ConversionError(f"projector type {ptype!r} is not supported: use linear or mlp2x_gelu")
+        placed = None
+        if flavour == "llama" and image_token is None:
+            placed = in_vocab_image_token(path, text.vocab_size, where)
+            token_id = placed.id
+        else:
+            token_id = hf_config.LLAVA_IMAGE_TOKEN_INDEX if image_token is None else image_token
         model = hf_config.model_from_hf(text, vis, projector=ptype, feature_layer=feature_layer,
-                                        image_token_id=hf_config.LLAVA_IMAGE_TOKEN_INDEX, where=where,
-                                        vision_where=f"{vision}/config.json")
+                                        image_token_id=token_id, where=where, vision_where=f"{vision}/config.json")
+        if placed is not None:
+            model.vocab_size = placed.vocab
         if not has_proj:
             if flavour == "llava":
                 raise ConversionError(f"{path} holds no model.mm_projector.* tensors: pass --projector "
@@ -329,12 +430,27 @@ def open_source(path: str, vision: str = None, projector: str = None, projector_
         tied = text.tie_word_embeddings
         src = Source(flavour if flavour == "llava" else "llama+clip", path, model, tensors,
                      _tokenizer_files(path, vision), {"config": cfg, "vision_config": vis_raw}, notes,
-                     vision_dir=vision)
+                     vision_dir=vision, image_token=placed)
     if problems:
         raise ConversionError(problems)
     if tied and "head.weight" not in tensors and "lm.embed_tokens.weight" in tensors:
         tensors["head.weight"] = tensors["lm.embed_tokens.weight"]
         src.notes.append("tied embeddings: output layer initialised from embed_tokens (megallava's are untied)")
+    grow = src.model.vocab_size - (src.image_token.old_vocab if src.image_token else src.model.vocab_size)
+    if grow:
+        for s in ("lm.embed_tokens.weight", "head.weight"):
+            if s in tensors:
+                store, name = tensors[s]
+                tensors[s] = (_Grown(store, grow), name)
+    if src.image_token:
+        t = src.image_token
+        src.notes.append(
+            f"image token <image> at id {t.id}" + (
+                ", added to the tokenizer copy" if t.add_to_tokenizer else
+                " (the tokenizer's own)" if t.tokenizer else f" (no tokenizer in {path}: train with one of "
+                                                              f"{t.old_vocab} tokens)") +
+            (f"; vocab {t.old_vocab} -> {t.vocab}: embedding and output layer grow by {grow} row(s), each the mean "
+             f"of the others" if grow else "") + " (--image-token -200 keeps original LLaVA's placeholder)")
     return src
 
 

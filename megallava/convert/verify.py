@@ -23,7 +23,7 @@ from megallava import config as C
 from megallava.convert import dcp, hf_config, hf_names
 from megallava.convert.errors import ConversionError
 from megallava.convert.megatron_to_hf import find_model_config
-from megallava.convert.sources import _Generated, open_source
+from megallava.convert.sources import _Generated, detect, open_source
 from megallava.convert.geometry import vision_num_layers_built
 from megallava.convert.tensor_files import TensorFiles
 from megallava.local_ranks import run_ranks
@@ -181,6 +181,11 @@ def hf_reference(source, ckpt_reader, dtype: torch.dtype = torch.float32, log=pr
                        _llava_hf_keys)
     cfg = {k: v for k, v in source.hf_configs["config"].items() if k not in ("model_type", "architectures")}
     llm = load_hf(LlamaForCausalLM, LlamaConfig.from_dict(cfg), source.path, dtype)
+    if source.model.vocab_size != llm.config.vocab_size:  # the conversion appended <image> rows (their mean)
+        llm.resize_token_embeddings(source.model.vocab_size, mean_resizing=False)
+        with torch.no_grad():
+            llm.get_input_embeddings().weight.copy_(source.get("lm.embed_tokens.weight"))
+            llm.get_output_embeddings().weight.copy_(source.get("head.weight"))
     vit = load_hf(CLIPVisionModel, CLIPVisionConfig.from_pretrained(source.vision_dir), source.vision_dir, dtype,
                   _clip_keys)
     if any(isinstance(store, _Generated) for store, _ in source.tensors.values()):
@@ -326,7 +331,9 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, tolerance: float = 
     hf_config.check_model(model, where)
     check_run_config(run_config(model, tp, pp, vpp, pipeline_layers, dtype))  # named before any work
     ids, pixels, hf_labels, labels = make_batch(model, seed)
-    source = open_source(hf_dir, vision=vision, projector=projector)
+    # a LLaMA + CLIP input converted with --image-token -200 is compared with that placeholder
+    image_token = model.image_token_id if model.image_token_id < 0 and detect(hf_dir) == "llama" else None
+    source = open_source(hf_dir, vision=vision, projector=projector, image_token=image_token)
     source.check()
     if source.model.vocab_size != model.vocab_size or source.model.image_token_id != model.image_token_id:
         raise ConversionError(f"{hf_dir} (vocab {source.model.vocab_size}, image token {source.model.image_token_id})"
