@@ -220,6 +220,117 @@ def test_trainable_parameters_equal_the_papers():
     assert 33.0e9 < counts["33B", 64]["total"] < 33.5e9
 
 
+# ------------------------------------------------------------------------- dropout, targets, the start banner
+def _config_fn(rank, env):
+    """On one rank, the tiny model with LoRA-4: outputs with and without lora.dropout in training and eval mode;
+    one LoRA layer's output with dropout against the formula; the trainable parameters, LoRA layers and start
+    banner for every target and for lora.targets=[linear_qkv, linear_fc2]."""
+    import torch.nn.functional as F
+    from megallava.convert.verify import make_batch
+    from megallava.distributed import init_distributed
+    from megallava.model.build import build_chunks
+    from megallava.model.lora import LoRAColumnParallelLinear, _LoRAMixin
+    from megallava.training.train import banner
+
+    init_distributed(1, 1, None, 0, env)
+    common = ["parallel.tp=1", "parallel.pp=1", "lora.rank=4"]
+    out = {}
+    chunks = {}
+    for name, extra in (("dropout", ["lora.dropout=0.5"]), ("plain", []),
+                        ("subset", ["lora.targets=[linear_qkv,linear_fc2]"])):
+        cfg = C.load_config(TINY, common + extra)
+        chunk = build_chunks(cfg)[0]
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for pname, p in chunk.named_parameters():
+                if pname.endswith(".lora_b"):  # B = 0 at init would hide the adapters (and their dropout)
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        chunks[name] = chunk
+        out[name] = {
+            "trainable": sum(p.numel() for p in chunk.parameters() if p.requires_grad),
+            "projector": sum(p.numel() for p in chunk.projector.parameters()),
+            "lora_layers": sorted(n for n, m in chunk.named_modules() if isinstance(m, _LoRAMixin)),
+            "frozen_linears": sorted(n for n, p in chunk.named_parameters()
+                                     if n.startswith("decoder.") and n.endswith(("linear_proj.weight", "linear_fc1.weight"))
+                                     and not p.requires_grad and not hasattr(chunk.get_submodule(n[:-7]), "lora_a")),
+            "banner": banner(cfg, [chunk], 1, 0, None), "model": cfg.model}
+    ids, pixels, _, _ = make_batch(out["plain"]["model"])
+    fwd = {}
+    with torch.no_grad():
+        for name in ("dropout", "plain"):
+            m = chunks[name]
+            fwd[name, "eval"] = m.eval()(tokens=ids, images=pixels)
+            torch.manual_seed(1)
+            fwd[name, "train1"] = m.train()(tokens=ids, images=pixels)
+            torch.manual_seed(2)
+            fwd[name, "train2"] = m(tokens=ids, images=pixels)
+            torch.manual_seed(1)
+            fwd[name, "train1_again"] = m(tokens=ids, images=pixels)
+    out["fwd"] = {k: v[..., :cfg.model.vocab_size] for k, v in fwd.items()}  # not the padded vocab's -inf
+    # one layer: dropout applies to the adapter's input only, y = x W^T + s B A dropout(x)
+    layer = chunks["dropout"].decoder.layers[0].mlp.linear_fc1
+    assert isinstance(layer, LoRAColumnParallelLinear) and layer.lora_dropout == 0.5
+    x = torch.randn(5, 2, layer.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.manual_seed(4)
+        y, _ = layer.train()(x)
+        torch.manual_seed(4)
+        xd = F.dropout(x, 0.5)
+        f = layer.lora_b.shape[0] // 2
+        r = layer.lora_rank
+        t = xd @ layer.lora_a.t()
+        ref = x @ layer.weight.t() + layer.lora_scale * torch.cat(
+            [t[..., :r] @ layer.lora_b[:f].t(), t[..., r:] @ layer.lora_b[f:].t()], dim=-1)
+        y_eval, _ = layer.eval()(x)
+        ref_eval = x @ layer.weight.t() + layer.lora_scale * torch.cat(
+            [(x @ layer.lora_a[:r].t()) @ layer.lora_b[:f].t(), (x @ layer.lora_a[r:].t()) @ layer.lora_b[f:].t()],
+            dim=-1)
+    out["layer"] = (y, ref, y_eval, ref_eval)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_configs():
+    return run_ranks(1, _config_fn)[0]
+
+
+def test_lora_dropout_only_in_training(lora_configs):
+    """lora.dropout=0.5 drops the adapters' input in training mode (a new mask per forward, reproducible from the
+    seed) and never in eval mode, where the model equals the one without dropout bit for bit."""
+    fwd = lora_configs["fwd"]
+    assert torch.equal(fwd["dropout", "eval"], fwd["plain", "eval"])
+    assert torch.equal(fwd["plain", "train1"], fwd["plain", "eval"])     # no other dropout in the model
+    assert (fwd["dropout", "train1"] - fwd["plain", "train1"]).abs().max() > 1e-3
+    assert (fwd["dropout", "train1"] - fwd["dropout", "train2"]).abs().max() > 1e-3
+    assert torch.equal(fwd["dropout", "train1"], fwd["dropout", "train1_again"])
+    y, ref, y_eval, ref_eval = lora_configs["layer"]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)              # dropout on the adapter path only
+    torch.testing.assert_close(y_eval, ref_eval, rtol=1e-5, atol=1e-6)
+    assert (y - y_eval).abs().max() > 1e-3
+
+
+def test_lora_targets_subset_and_the_banner(lora_configs):
+    """lora.targets=[linear_qkv, linear_fc2] puts adapters on exactly those linears: the trainable parameters are
+    their A and B matrices plus the projector, counted exactly; the start banner states that count."""
+    m = lora_configs["plain"]["model"]
+    L, h, ffn, n, g, r = m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, 4
+    d = h // n
+    qkv = 3 * r * h + (n + 2 * g) * d * r          # A: q, k, v adapters stacked [3r, h]; B: the fused rows [q k v, r]
+    proj = r * h + h * r
+    fc1 = 2 * r * h + 2 * ffn * r                  # gate and up
+    fc2 = r * ffn + h * r
+    sub, full = lora_configs["subset"], lora_configs["plain"]
+    assert sub["trainable"] == L * (qkv + fc2) + sub["projector"] == 15_232
+    assert full["trainable"] == L * (qkv + proj + fc1 + fc2) + full["projector"] == 24_960
+    layers = [f"decoder.layers.{i}.{x}" for i in range(L) for x in ("mlp.linear_fc2", "self_attention.linear_qkv")]
+    assert sub["lora_layers"] == sorted(layers)
+    assert sub["frozen_linears"] == sorted(f"decoder.layers.{i}.{x}.weight" for i in range(L)
+                                           for x in ("mlp.linear_fc1", "self_attention.linear_proj"))  # plain, frozen
+    assert len(full["lora_layers"]) == 4 * L
+    for case in (sub, full):
+        assert f"{case['trainable']:,} trained" in case["banner"] and "LoRA-4" in case["banner"], case["banner"]
+
+
 # ------------------------------------------------------------------------------------------ LoRA training
 NAMES = ("decoder.layers.0.self_attention.linear_qkv.lora_a", "decoder.layers.0.self_attention.linear_qkv.lora_b",
          "decoder.layers.3.mlp.linear_fc1.lora_b", "decoder.layers.2.mlp.linear_fc2.lora_a",
