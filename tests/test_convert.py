@@ -673,14 +673,20 @@ def test_peak_memory_is_a_few_tensors(work, hf_llava, hub_tok):
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
-@pytest.fixture(scope="module")
-def lora_ckpt(work, converted):
-    """A LoRA-4 (alpha 16) model of the converted shape, saved by the trainer at TP2 with random, nonzero adapters
-    (B = 0 at init would make any export look right), plus the run config that records lora.rank / alpha."""
-    out = str(work / "lora_ckpt")
-    run_cfg = str(work / "lora_run.yaml")
+LORA_LAYOUTS = {"tp2_fp32": (2, 1, "fp32"), "pp2_bf16": (1, 2, "bf16")}
+
+
+@pytest.fixture(scope="module", params=list(LORA_LAYOUTS))
+def lora_ckpt(request, work, converted):
+    """A LoRA-4 (alpha 16) model of the converted shape, saved by the trainer with random, nonzero adapters (B = 0
+    at init would make any export look right), plus the run config that records lora.rank / alpha: at TP2 in fp32,
+    and at PP2 (two layers per stage) in bf16 (bf16 weights, fp32 master copies)."""
+    tp, pp, precision = LORA_LAYOUTS[request.param]
+    out = str(work / f"lora_ckpt_{request.param}")
+    run_cfg = str(work / f"lora_run_{request.param}.yaml")
     cfg = C.load_config(os.path.join(converted, "megallava_model.yaml"),
-                        ["parallel.tp=2", "train.precision=fp32", "lora.rank=4", "lora.alpha=16"])
+                        [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.precision={precision}", "lora.rank=4",
+                         "lora.alpha=16"])
     C.dump_yaml(cfg, run_cfg)
 
     def fn(rank, env):
@@ -689,9 +695,9 @@ def lora_ckpt(work, converted):
         from megallava.training import checkpoint
         from megallava.training.optimizer import build_optimizer, wrap_ddp
 
-        init_distributed(2, 1, None, seed=0, env=env)
+        init_distributed(tp, pp, None, seed=0, env=env)
         chunks = build_chunks(cfg)
-        gen = torch.Generator().manual_seed(5 + rank)  # each TP rank holds its own rows of B
+        gen = torch.Generator().manual_seed(5 + rank)  # each TP rank / stage holds its own rows of B
         with torch.no_grad():
             for name, p in chunks[0].named_parameters():
                 if name.endswith(".lora_b"):
@@ -703,11 +709,12 @@ def lora_ckpt(work, converted):
         checkpoint._materialise_optimizer_state(optimizer)
         checkpoint.save(out, model, optimizer, scheduler, 3)
 
-    run_ranks(2, fn)
-    return out, run_cfg, cfg
+    run_ranks(tp * pp, fn)
+    return out, run_cfg, cfg, request.param
 
 
 def _megallava_lora_logits(ckpt, cfg, ids, pixels):
+    """The checkpoint's model at TP1 x PP1 in fp32 (a bf16 checkpoint's values exactly), unmerged adapters."""
     def fn(rank, env):
         from megallava.distributed import init_distributed
         from megallava.model.build import build_chunks
@@ -726,14 +733,20 @@ def _megallava_lora_logits(ckpt, cfg, ids, pixels):
 
 
 def test_lora_export_merged_and_peft(work, lora_ckpt, hub_tok):
+    """Merged (W + (alpha / r) B A) and PEFT-adapter exports give megallava's logits (1e-4), from a TP2 fp32 and a
+    PP2 bf16 checkpoint. The bf16 one is exported in fp32 for the comparison (the merge itself is fp32, so nothing is
+    rounded), and its default bf16 export holds exactly those merged weights rounded to bf16."""
     from peft import PeftModel
+    from safetensors.torch import load_file
 
-    ckpt, run_cfg, cfg = lora_ckpt
+    ckpt, run_cfg, cfg, case = lora_ckpt
+    bf16 = cfg.train.precision == "bf16"
+    dtype = "fp32" if bf16 else None
     ids, pixels, _, _ = make_batch(cfg.model)
     want = _megallava_lora_logits(ckpt, cfg, ids, pixels)
-    merged, unmerged = str(work / "lora_merged"), str(work / "lora_peft")
-    megatron_to_hf(ckpt, merged, config=run_cfg, tokenizer=hub_tok, merge_lora=True, log=QUIET)
-    megatron_to_hf(ckpt, unmerged, config=run_cfg, tokenizer=hub_tok, log=QUIET)
+    merged, unmerged = str(work / f"lora_merged_{case}"), str(work / f"lora_peft_{case}")
+    megatron_to_hf(ckpt, merged, config=run_cfg, tokenizer=hub_tok, merge_lora=True, dtype=dtype, log=QUIET)
+    megatron_to_hf(ckpt, unmerged, config=run_cfg, tokenizer=hub_tok, dtype=dtype, log=QUIET)
     assert not os.path.exists(os.path.join(merged, "adapter"))
     with torch.no_grad():
         m = LlavaForConditionalGeneration.from_pretrained(merged, dtype=torch.float32).eval()
@@ -747,8 +760,16 @@ def test_lora_export_merged_and_peft(work, lora_ckpt, hub_tok):
     torch.testing.assert_close(got_peft, want, rtol=0, atol=1e-4)
     cfg_json = json.load(open(os.path.join(unmerged, "adapter", "adapter_config.json")))
     assert (cfg_json["r"], cfg_json["lora_alpha"]) == (4, 16.0)
+    if bf16:
+        native = str(work / f"lora_merged_{case}_bf16")
+        megatron_to_hf(ckpt, native, config=run_cfg, tokenizer=hub_tok, merge_lora=True, log=QUIET)
+        got, exact = shorts(native), shorts(merged)
+        assert got.keys() == exact.keys() and got["lm.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+        for name, t in got.items():
+            assert torch.equal(t, exact[name].to(torch.bfloat16)), name
     with pytest.raises(ConversionError, match="holds no LoRA adapters"):
-        megatron_to_hf(converted_dir(work), str(work / "nolora"), merge_lora=True, tokenizer=hub_tok, log=QUIET)
+        megatron_to_hf(converted_dir(work), str(work / f"nolora_{case}"), merge_lora=True, tokenizer=hub_tok,
+                       log=QUIET)
 
 
 def converted_dir(work):

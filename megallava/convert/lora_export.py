@@ -55,15 +55,16 @@ class LoRAReader:
         bs = hf_names.split(kind, b, self.geo, f"{linear}.lora_b")
         return list(zip(a.split(self.rank), bs))
 
-    def merged(self, can: str, weight: torch.Tensor) -> torch.Tensor:
-        """The canonical base weight ``can`` with its LoRA update added (in fp32, cast back)."""
+    def merged(self, can: str, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The canonical base weight ``can`` with its LoRA update added in fp32, then cast to ``dtype`` (the
+        export's; default the weight's own): a bf16 checkpoint exported in fp32 keeps the merged weights unrounded."""
         key, layer = dcp.dcp_key(can)
         linear = next((n for n in self.linears if key == f"decoder.layers.{n}.weight"), None)
         if linear is None:
             return weight
         deltas = [b @ a * self.scale for a, b in self.adapters(linear, layer)]
         delta = hf_names.fuse(_KIND.get(linear, "copy"), deltas, self.geo, can) if len(deltas) > 1 else deltas[0]
-        return (weight.float() + delta).to(weight.dtype)
+        return (weight.float() + delta).to(dtype or weight.dtype)
 
 
 def write_peft_adapter(lora: LoRAReader, out_dir: str, projector_weights: Dict[str, torch.Tensor],

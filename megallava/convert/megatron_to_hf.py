@@ -156,7 +156,7 @@ class _Canonical:
             if can in ("embedding.weight", "output_layer.weight"):
                 t = t[:self.model.vocab_size]
             if self.lora:
-                t = self.lora.merged(can, t)
+                t = self.lora.merged(can, t, self.dtype)
             self.key, self.value = can, t.to(self.dtype) if self.dtype else t
         return self.value
 
