@@ -761,6 +761,37 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def key_help(width: int = 116) -> str:
+    """Every key with its default, one paragraph per section (``python -m megallava.train --help``)."""
+    import textwrap
+
+    def walk(obj: Any, prefix: str):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}={_show(value)}"
+
+    entry = " ".join(walk(SourceConfig(), ""))
+    lines = [f"Keys (section.key=default; each entry of data.sources / data.valid_sources: {entry}):"]
+    cfg = Config()
+    for f in dataclasses.fields(cfg):
+        lines.append(textwrap.fill(" ".join(walk(getattr(cfg, f.name), f.name + ".")), width, initial_indent="  ",
+                                   subsequent_indent="    ", break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 def dump_yaml(cfg: Config, path: str) -> None:
     """Write the resolved config (every key) so a run can be reproduced with ``load_config(path)``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

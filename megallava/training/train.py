@@ -15,7 +15,7 @@ def parse_args(argv):
         prog="megallava.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every key, with its default and a comment: megallava/config.py, or --print-config (the resolved config "
                "as YAML). Overrides are section.key=value (YAML values: parallel.pipeline_layers=[1,3]); key=null "
-               "unsets a key (back to its default). Paths may use ${ENV_VARS}.")
+               "unsets a key (back to its default). Paths may use ${ENV_VARS}.\n\n" + C.key_help())
     parser.add_argument("--config", required=True, help="YAML config file (examples/configs/)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every key, defaults included) and exit")
