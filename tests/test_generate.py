@@ -1,5 +1,7 @@
 """Generation (megallava.generate): KV-cache decoding equals full recomputation token for token, and greedy answers
-are the same at TP1xPP1 and TP2xPP2; prompts are the training template's; answer files are LLaVA's format."""
+are the same at TP1xPP1 and TP2xPP2; prompts are the training template's; answer files are LLaVA's format; decoding
+stops at EOS; the generate / evaluate command lines write what they promise (evaluate on a model built so that its
+answers are known)."""
 import json
 import os
 
@@ -210,3 +212,151 @@ def test_greedy_tokens_equal_hf_generate_on_the_export(demo_checkpoint, demo_dat
         if eos in got:
             got = got[:got.index(eos)]
         assert got == want
+
+
+# ------------------------------------------------------------------------------------- the command lines
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _cli(module, *args):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_generate_cli_writes_llavas_answer_file(demo_checkpoint, demo_data, tmp_path):
+    """python -m megallava.generate on a LLaVA question file (one question, with an image relative to
+    --image-folder): the answer file holds LLaVA's fields with LLaVA's types, and the answer is the last line of
+    stdout; it is the greedy answer the library computes for the same request."""
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": 17, "image": "astronaut.png", "text": "What is in this picture?",
+                                     "category": "detail"}) + "\n")
+    answers = tmp_path / "out" / "answers.jsonl"
+    proc = _cli("megallava.generate", "--checkpoint", str(demo_checkpoint), "--requests", str(questions),
+                "--image-folder", str(demo_data / "images"), "--answers", str(answers), "--max-new-tokens", "8",
+                "--model-id", "llava-demo")
+    (record,) = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert list(record) == ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
+    assert record["question_id"] == 17 and isinstance(record["question_id"], int)
+    assert record["prompt"] == "What is in this picture?" and record["model_id"] == "llava-demo"
+    assert isinstance(record["text"], str) and record["text"]
+    assert isinstance(record["answer_id"], str) and len(record["answer_id"]) == 22 and record["metadata"] == {}
+    assert proc.stdout.splitlines()[-1] == record["text"]
+
+    def fn(rank, env):
+        from megallava.generate import Request, load
+
+        gen = load(str(demo_checkpoint), 1, 1, env=env)
+        request = Request(text="What is in this picture?", images=[str(demo_data / "images" / "astronaut.png")])
+        return gen.decode(gen.generate([request], max_new_tokens=8)[0])
+
+    assert run_ranks(1, fn)[0] == record["text"]
+
+
+def test_generation_stops_at_eos(demo_checkpoint, demo_data):
+    """With the tokenizer's EOS set to a token the model generates at step k, each request's answer is its greedy
+    answer cut before that token's first occurrence, and decoding stops once every request has ended (fewer
+    forward steps than max_new_tokens); without EOS in sight every answer has max_new_tokens tokens."""
+    def fn(rank, env):
+        from megallava.generate import load
+
+        gen = load(str(demo_checkpoint), 1, 1, env=env)
+        requests = _requests(demo_data)
+        steps = []
+        forward = gen._forward
+        gen._forward = lambda *a, **k: steps.append(1) or forward(*a, **k)
+        free = gen.generate(requests, max_new_tokens=12)
+        free_steps = len(steps)
+        first = free[0]
+        k = next(i for i in range(2, len(first)) if first[i] not in first[:i])  # a token first generated at step k
+        real = type(gen.tokenizer)
+
+        class Eos(real):  # the same tokenizer, with that token as its EOS
+            eos_id = first[k]
+
+        gen.tokenizer.__class__ = Eos
+        cut = gen.generate(requests, max_new_tokens=12)
+        steps.clear()
+        alone = gen.generate(requests[:1], max_new_tokens=12)
+        return free, free_steps, first[k], k, cut, alone, len(steps)
+
+    free, free_steps, eos, k, cut, alone, alone_steps = run_ranks(1, fn)[0]
+    assert free_steps == 12 and all(len(x) == 12 for x in free)  # the demo model never says EOS in 12 tokens
+    for full, got in zip(free, cut):
+        assert got == (full[:full.index(eos)] if eos in full else full)
+    assert alone == [free[0][:k]] and alone_steps == k + 1 < 12  # EOS at step k + 1 ends the decoding loop
+
+
+def _known_answers_model(path, demo_data, favoured: int):
+    """A llava-hf model of the demo tokenizer's vocab whose every position predicts ``favoured``: all embedding rows
+    are one vector e and every layer's output projections are zero, so the final hidden state is RMSNorm(e) = h at
+    every position; the output layer is zero except row ``favoured`` = 10 h / |h|^2 (logit 10, all others 0)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(vocab_size=1537, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, hidden_act="quick_gelu")
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=1536,
+                                                      vision_feature_layer=-1)).float()
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(64, generator=gen, dtype=torch.float64)
+    h = e / torch.sqrt((e ** 2).mean() + 1e-5)
+    with torch.no_grad():
+        lm = model.model.language_model
+        lm.embed_tokens.weight.copy_(e.float().expand(1537, 64))
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        lm.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[favoured] = (10 * h / h.dot(h)).float()
+    model.save_pretrained(str(path))
+    import shutil
+
+    shutil.copy(demo_data / "tokenizer.model", path / "tokenizer.model")
+    return str(path)
+
+
+def test_evaluate_cli_on_a_model_with_known_answers(demo_data, tmp_path):
+    """python -m megallava.evaluate on a converted model that always favours " B": it picks B for every question, so
+    the per-subject accuracy is the share of questions whose key is B (1 and 0.5 here), printed per subject, with
+    the overall accuracy as the last line."""
+    from megallava.convert.hf_to_megatron import hf_to_megatron
+    from megallava.data.tokenizer import load_tokenizer
+    from megallava.evaluate import continuation_rows, mmlu_prompt
+
+    tok = load_tokenizer(str(demo_data / "tokenizer.model"))
+    questions = [
+        {"subject": "astronomy", "question": "Which is a planet?", "choices": ["Sirius", "Mars", "Vega"], "answer": "B"},
+        {"subject": "astronomy", "question": "What orbits the Earth?", "choices": ["The Sun", "The Moon"], "answer": 1},
+        {"subject": "cooking", "question": "What do you boil pasta in?", "choices": ["water", "sand"], "answer": "A"},
+        {"subject": "cooking", "question": "What is a spice?", "choices": ["glass", "pepper", "tin", "ice"],
+         "answer": "B"}]
+    (ids, n), = continuation_rows(tok, mmlu_prompt(questions[0]), [" B"])
+    assert n == 1
+    root = str(tmp_path / "meg")
+    hf_to_megatron(_known_answers_model(tmp_path / "hf", demo_data, ids[-1]), root, log=lambda *a, **k: None)
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in questions))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"subject": "cooking", "question": "Is salt salty?", "choices": ["yes", "no"],
+                               "answer": 0}) + "\n")
+    out = tmp_path / "results.json"
+    proc = _cli("megallava.evaluate", "--checkpoint", root, "--questions", str(q), "--dev", str(dev), "--shots", "1",
+                "--out", str(out))
+    lines = proc.stdout.splitlines()
+    assert lines[-3:] == ["astronomy: 1.0000", "cooking: 0.5000", json.dumps({"accuracy": 0.75, "n": 4})]
+    res = json.load(open(out))
+    assert [r["prediction"] for r in res["questions"]] == [1, 1, 1, 1]
+    for r in res["questions"]:  # log p(" B") = 10 - log(e^10 + 1536), every other letter -log(e^10 + 1536)
+        want = [-torch.log(torch.tensor(2.718281828 ** 10 + 1536.0, dtype=torch.float64)).item()] * len(r["scores"])
+        want[1] += 10
+        torch.testing.assert_close(torch.tensor(r["scores"], dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-3)
