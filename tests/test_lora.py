@@ -250,9 +250,10 @@ def _config_fn(rank, env):
             "trainable": sum(p.numel() for p in chunk.parameters() if p.requires_grad),
             "projector": sum(p.numel() for p in chunk.projector.parameters()),
             "lora_layers": sorted(n for n, m in chunk.named_modules() if isinstance(m, _LoRAMixin)),
-            "frozen_linears": sorted(n for n, p in chunk.named_parameters()
-                                     if n.startswith("decoder.") and n.endswith(("linear_proj.weight", "linear_fc1.weight"))
-                                     and not p.requires_grad and not hasattr(chunk.get_submodule(n[:-7]), "lora_a")),
+            "frozen_linears": sorted(
+                n for n, p in chunk.named_parameters()
+                if n.startswith("decoder.") and n.endswith(("linear_proj.weight", "linear_fc1.weight"))
+                and not p.requires_grad and not hasattr(chunk.get_submodule(n[:-7]), "lora_a")),
             "banner": banner(cfg, [chunk], 1, 0, None), "model": cfg.model}
     ids, pixels, _, _ = make_batch(out["plain"]["model"])
     fwd = {}
