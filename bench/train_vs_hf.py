@@ -13,7 +13,14 @@ the one named by --precision), and megallava presets (``PRESETS`` below: ``megal
 every kernels.* switch is on with CUDA; ``megallava-unfused`` = every switch off, the path before the fused kernels;
 ``megallava-no-<lever>`` = one switch off; memory settings). ``megallava-packed`` trains the same samples as
 ``megallava-halves`` (2 x micro-batch samples of seq/2 tokens, one image each), packed two per row of seq tokens:
-the per-token time ratio of the two is packing's overhead.
+the per-token time ratio of the two is packing's overhead. LoRA/QLoRA (issue 10):
+
+    python bench/train_vs_hf.py --systems megallava,megallava-lora64,megallava-qlora64,hf-peft-lora64,hf-peft-qlora64
+
+``megallava-lora64`` / ``megallava-qlora64`` (LoRA-64, alpha 128, every LLM linear; NF4 bases) against megallava's own
+full fine-tuning and HF + PEFT LoRA-64 / QLoRA-64 (bitsandbytes NF4; CUDA + bitsandbytes only, otherwise reported as
+skipped with the reason), with the targets (LoRA >= 1.3x full FT and >= 2x PEFT LoRA tokens/s; the 4-bit bases'
+measured bytes per base parameter <= 0.56) in the JSON's ``targets`` and the printout.
 
 Both sides are charged the same model FLOPs (megallava.training.flops.step_flops: unpadded tokens, causal attention
 counted at s/2, LLM / ViT / projector separately), so tokens/s, TFLOP/s and MFU compare like for like. See README.md.
@@ -69,7 +76,68 @@ HF_POLICIES = {
     "bf16-master": "fp32 params, grads and AdamW states + torch.autocast(bf16) (HF Trainer's bf16=True)",
     "peft-lora64": "bf16 params; PEFT LoRA r64 alpha 128 on every LLM linear (q,k,v,o,gate,up,down), projector "
                    "trained (modules_to_save); AdamW states for the trained params only",
+    "peft-qlora64": "as peft-lora64 with the LLM linears' bases as bitsandbytes Linear4bit (BitsAndBytesConfig: NF4, "
+                    "double quantisation, bf16 compute; ViT, projector and lm_head not quantised); no "
+                    "prepare_model_for_kbit_training (no fp32 upcast, no gradient checkpointing: the others' setting)",
 }
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def qlora_unavailable(device) -> str:
+    """Why hf-peft-qlora64 cannot run here ('' when it can): it needs CUDA and bitsandbytes."""
+    if device.type != "cuda":
+        return "needs CUDA (bitsandbytes' 4-bit kernels are what the peer is measured with); this run is on CPU"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        return f"bitsandbytes is not importable ({e}): install its wheel (DEVELOPERS.md) to measure the peer"
+    return ""
+
+
+def quantize_hf_4bit(model, dtype=torch.bfloat16):
+    """The QLoRA paper's model: ``model``'s weights reloaded through transformers' bitsandbytes integration with
+    BitsAndBytesConfig(load_in_4bit, nf4, double quantisation, bf16 compute), the ViT, projector and lm_head kept
+    dense (LLaVA's QLoRA setting). From the in-memory state dict, no disk. Returns the quantised model."""
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype,
+                               # transformers matches these from the start of the module name (4.x: no "model.")
+                               llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector",
+                                                      "vision_tower", "multi_modal_projector", "lm_head"])
+    device = next(model.parameters()).device
+    kwargs = {"device_map": {"": device.index or 0}} if device.type == "cuda" else {}
+    q = LlavaForConditionalGeneration.from_pretrained(None, config=model.config, state_dict=model.state_dict(),
+                                                      quantization_config=quant, dtype=dtype, **kwargs)
+    import bitsandbytes as bnb
+    four_bit = [n for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    wrong = [n for n in four_bit if "language_model" not in n or not n.endswith(tuple(PEFT_TARGETS))]
+    if wrong or len(four_bit) != 7 * model.config.text_config.num_hidden_layers:
+        raise RuntimeError(f"4-bit layers are not exactly the LLM's linears: {len(four_bit)}, e.g. {wrong[:3]}")
+    q.train()
+    q.model.vision_tower.requires_grad_(False)
+    return q
+
+
+def hf_4bit_bytes(model):
+    """(bytes, base parameters) of the bitsandbytes 4-bit weights: packed codes, absmax (8-bit codes under double
+    quantisation), the second-level absmax, offset and code tables, each storage counted once."""
+    import bitsandbytes as bnb
+
+    seen, total, params = set(), 0, 0
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        qs = m.weight.quant_state
+        params += m.in_features * m.out_features
+        tensors = [m.weight.data, qs.absmax, qs.code, qs.offset]
+        if qs.state2 is not None:
+            tensors += [qs.state2.absmax, qs.state2.code]
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+    return total, params
 
 
 def megallava_policy(cfg) -> str:
@@ -303,9 +371,15 @@ def run_megallava(args, cfg, batch, profile: bool):
     try:
         chunks = build.build_chunks(cfg)
         model = wrap_ddp(chunks, cfg)
+        extra = {}
         if cfg.lora.quantize:  # QLoRA: the trainer quantises the bases once their weights are in
-            from megallava.model.lora import quantize_bases
-            quantize_bases(chunks)
+            from megallava.model.lora import _LoRAMixin, quantize_bases
+            held, alone = quantize_bases(chunks)
+            base = sum(math.prod(m.quantized.shape) for c in chunks for m in c.modules()
+                       if isinstance(m, _LoRAMixin) and m.quantized is not None)
+            extra = {"qlora_base_bytes": held, "qlora_base_params": base, "qlora_base_bytes_per_param": held / base,
+                     "qlora_quantised_alone": alone}
+            free_memory()
         optimizer, scheduler = build_optimizer(model, cfg)
         rows, s = batch["tokens"].shape
         iterators = [itertools.repeat(batch)]
@@ -324,7 +398,7 @@ def run_megallava(args, cfg, batch, profile: bool):
         fused_adam = bool(adams) and all(g.get("fused") for a in adams for g in a.param_groups)
         result = {"step_s": step_s, "losses": losses, "mem_gib": mem, "warmup_s": warmup_s,
                   "optimizer": f"megatron {type(inner).__name__} over {adam.__module__}.{adam.__name__}"
-                               + (" (fused)" if fused_adam else "")}
+                               + (" (fused)" if fused_adam else ""), **extra}
         if profile:
             result["profile"] = profile_steps(step)
         return result
@@ -366,13 +440,20 @@ def run_hf(args, data, policy: str, profile: bool):
     autocast = policy == "bf16-master"
     dtype = torch.float32 if policy in ("bf16-master", "fp32") else torch.bfloat16
     model = hf_model(args, device, dtype)
-    if policy == "peft-lora64":
+    extra = {}
+    if policy == "peft-qlora64":
+        dense, model = model, None
+        model = quantize_hf_4bit(dense, dtype)
+        del dense
+        free_memory()
+        held, base = hf_4bit_bytes(model)
+        extra = {"qlora_base_bytes": held, "qlora_base_params": base, "qlora_base_bytes_per_param": held / base}
+    if policy in ("peft-lora64", "peft-qlora64"):
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(
             r=64, lora_alpha=128, lora_dropout=0.0, modules_to_save=["multi_modal_projector"],
-            target_modules=r".*language_model.*\.(" + "|".join(targets) + ")"))
+            target_modules=r".*language_model.*\.(" + "|".join(PEFT_TARGETS) + ")"))
     try:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -392,7 +473,7 @@ def run_hf(args, data, policy: str, profile: bool):
         free_memory()
         step_s, losses, warmup_s = timed(step, args.warmup, args.iters)
         result = {"step_s": step_s, "losses": losses, "mem_gib": F.peak_memory_gib(), "warmup_s": warmup_s,
-                  "optimizer": f"torch.optim.AdamW(fused={device.type == 'cuda'})"}
+                  "optimizer": f"torch.optim.AdamW(fused={device.type == 'cuda'})", **extra}
         if profile:
             result["profile"] = profile_steps(step)
         return result
@@ -446,6 +527,11 @@ def main(argv=None):
         cfg = base_cfg if policy is not None else megallava_config(args, bf16, args.set + PRESETS[name])
         lengths = [int(x["ids"].numel()) for x in samples]
         flops = F.step_flops(cfg, lengths, len(samples))
+        skip = qlora_unavailable(device) if policy == "peft-qlora64" else ""
+        if skip:  # said, never silently dropped
+            results[name] = {"skipped": skip}
+            print(f"[{name}] skipped: {skip}", flush=True)
+            continue
         try:
             if policy is not None:
                 r = run_hf(args, hf_batch(samples, device), policy if bf16 else "fp32", args.profile)
@@ -469,11 +555,15 @@ def main(argv=None):
         r["residual_gib_after"] = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
         results[name] = r
         print(f"[{name}] {r['tokens_per_s']:,.0f} tokens/s, {r['mem_gib']:.2f} GiB, losses "
-              f"{r['losses'][0]:.4f}->{r['losses'][-1]:.4f}, {r['wall_s']:.0f} s", flush=True)
+              f"{r['losses'][0]:.4f}->{r['losses'][-1]:.4f}, {r['wall_s']:.0f} s"
+              + (f", 4-bit base {r['qlora_base_bytes_per_param']:.4f} bytes/param" if "qlora_base_bytes" in r else ""),
+              flush=True)
 
-    ok = {k: v for k, v in results.items() if "error" not in v}
+    ok = {k: v for k, v in results.items() if "error" not in v and "skipped" not in v}
     ratios = {}
-    for ref in ("hf-pure-bf16", "hf-bf16-master", "hf", "megallava-unfused"):
+    # references: HF's precision policies, the unfused path, megallava's own full fine-tuning and PEFT LoRA (the
+    # LoRA group's comparisons)
+    for ref in ("hf-pure-bf16", "hf-bf16-master", "hf", "megallava-unfused", "megallava", "hf-peft-lora64"):
         if ref in ok:
             ratios[f"over_{ref}"] = {k: {"tokens_per_s": v["tokens_per_s"] / ok[ref]["tokens_per_s"],
                                          "mem_gib": v["mem_gib"] / ok[ref]["mem_gib"]}
@@ -481,6 +571,7 @@ def main(argv=None):
     if {"megallava-packed", "megallava-halves"} <= set(ok):
         ratios["packed_per_token_time_over_unpacked"] = (ok["megallava-packed"]["ms_per_1k_tokens"]
                                                          / ok["megallava-halves"]["ms_per_1k_tokens"])
+    targets = lora_targets(ok)
 
     import transformers
     import megatron.core
@@ -497,7 +588,7 @@ def main(argv=None):
                            "trained LLM/projector 3x",
         "memory": "torch.cuda.max_memory_allocated, reset per system" if cuda else
                   "peak RSS of the process (not resettable: later systems include earlier ones)",
-        "results": results, "ratios": ratios,
+        "results": results, "ratios": ratios, "targets": targets,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -505,6 +596,30 @@ def main(argv=None):
     print_table(report)
     print(f"wrote {args.out}")
     return report
+
+
+# Issue 10's targets on the GPU: (system, reference, minimum tokens/s ratio)
+LORA_TARGETS = [("megallava-lora64", "megallava", 1.3), ("megallava-lora64", "hf-peft-lora64", 2.0),
+                ("megallava-qlora64", "hf-peft-qlora64", None)]
+QLORA_BYTES_TARGET = 0.56   # bytes per base parameter
+
+
+def lora_targets(ok: dict) -> dict:
+    """The LoRA/QLoRA comparisons of the systems that ran: tokens/s ratios against the targets, and the 4-bit bases'
+    measured bytes per base parameter (megallava's NF4 and bitsandbytes')."""
+    out = {}
+    for system, ref, target in LORA_TARGETS:
+        if system in ok and ref in ok:
+            ratio = ok[system]["tokens_per_s"] / ok[ref]["tokens_per_s"]
+            out[f"{system}_over_{ref}"] = {"tokens_per_s": ratio, "target": target,
+                                           "met": None if target is None else ratio >= target}
+    for name, r in ok.items():
+        if "qlora_base_bytes_per_param" in r:  # the target is megallava's; the peer's bytes are for comparison
+            ours = name.startswith("megallava")
+            out[f"{name}_base_bytes_per_param"] = {
+                "value": r["qlora_base_bytes_per_param"], "target": QLORA_BYTES_TARGET if ours else None,
+                "met": r["qlora_base_bytes_per_param"] <= QLORA_BYTES_TARGET if ours else None}
+    return out
 
 
 def _git_commit():
@@ -530,11 +645,17 @@ def print_table(rep):
         if "error" in r:
             print(f"{name:<32} FAILED: {r['error']}")
             continue
+        if "skipped" in r:
+            print(f"{name:<32} SKIPPED: {r['skipped']}")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         loss = f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"
         tf = r["tflops_per_gpu"]
         print(f"{name:<32} {r['tokens_per_s']:>10,.0f} {tf:>8.{1 if tf >= 10 else 4}f} {mfu:>6} {r['mem_gib']:>8.2f} "
               f"{1000 * r['step_s']:>8.1f}  {loss:<17} {r['policy']}; {r['optimizer']}")
+        if "qlora_base_bytes" in r:
+            print(f"{'':<32} 4-bit base: {r['qlora_base_bytes'] / 2 ** 20:,.2f} MiB for {r['qlora_base_params']:,} "
+                  f"base params = {r['qlora_base_bytes_per_param']:.4f} bytes/param")
         if not all(math.isfinite(x) for x in r["losses"]):
             print(f"WARNING: {name} produced a non-finite loss")
         if "profile" in r:
@@ -548,6 +669,14 @@ def print_table(rep):
                                                  for k, v in table.items()))
         else:
             print(f"{ref}: {table:.3f}")
+    where = " (CPU run: checks the script, not a measurement)" if rep["device"].startswith("CPU") else ""
+    for key, t in rep.get("targets", {}).items():
+        value = t.get("tokens_per_s", t.get("value"))
+        unit = "x tokens/s" if "tokens_per_s" in t else " bytes/param"
+        goal = "" if t["target"] is None else (f" (target {'>=' if 'tokens_per_s' in t else '<='} {t['target']}"
+                                              f"{'x' if 'tokens_per_s' in t else ''}: "
+                                              f"{'met' if t['met'] else 'NOT met'})")
+        print(f"target {key}: {value:.3f}{unit}{goal}{where}")
 
 
 if __name__ == "__main__":
