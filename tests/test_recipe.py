@@ -55,14 +55,17 @@ def train(world, overrides, run_dir, expect_error=None):
 
 STAGE1 = ["model.train_llm=false", "train.lr=3e-3"]
 LAYOUTS = {"tp1pp2": (2, ["parallel.tp=1", "parallel.pp=2"]),
+           "tp1pp2_no_distopt": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.use_distributed_optimizer=false"]),
            "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
            "tp2pp2_no_distopt": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.use_distributed_optimizer=false"])}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_stage1_saves_and_resumes_bitwise_at_pp(layout, tmp_path):
-    """Later pipeline stages hold no trainable parameter in stage 1: saving used to fail there."""
+    """Later pipeline stages hold no trainable parameter in stage 1: saving used to fail there. The checkpoint
+    exports (megatron-to-hf) to a model transformers loads, holding the trained projector and the frozen LLM."""
     world, lay = LAYOUTS[layout]
+    lay = lay + ["model.image_token_id=499"]  # in the vocab: the export is a llava-hf model
     full = train(world, STAGE1 + lay + ["train.iters=4"], tmp_path / "full")
     ck = f"checkpoint.dir={tmp_path}/ck"
     first = train(world, STAGE1 + lay + ["train.iters=4", "train.exit_interval=2", ck], tmp_path / "a")
@@ -72,6 +75,19 @@ def test_stage1_saves_and_resumes_bitwise_at_pp(layout, tmp_path):
     for name in ("projector.linear_1.weight", "decoder.layers.1.mlp.linear_fc1.weight"):
         assert torch.equal(rest["weights"][name], full["weights"][name])
     assert len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 4  # one history, no duplicated iterations
+    from transformers import LlavaForConditionalGeneration
+    from megallava.convert.megatron_to_hf import megatron_to_hf
+
+    out = str(tmp_path / "hf")
+    assert megatron_to_hf(str(tmp_path / "ck"), out, weights_only=True, log=lambda *a, **k: None)["format"] == "llava-hf"
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.image_token_id == 499
+    assert torch.equal(hf.model.multi_modal_projector.linear_1.weight, rest["weights"]["projector.linear_1.weight"])
+    mlp = hf.model.language_model.layers[1].mlp
+    assert torch.equal(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                       rest["weights"]["decoder.layers.1.mlp.linear_fc1.weight"])
+    assert torch.equal(hf.model.language_model.embed_tokens.weight, rest["weights"]["embedding.weight"])
 
 
 def test_stage2_finetunes_from_stage1_and_guards(tmp_path):
@@ -84,10 +100,43 @@ def test_stage2_finetunes_from_stage1_and_guards(tmp_path):
     for name in ("projector.linear_1.weight", "decoder.layers.1.mlp.linear_fc1.weight", "embedding.weight"):
         torch.testing.assert_close(s2["first_weights"][name], s1["weights"][name], rtol=0, atol=1e-20)
     full_lr = train(1, ["train.iters=3", f"checkpoint.load={tmp_path}/s1", "checkpoint.finetune=true",
-                        "train.lr=1e-3"], tmp_path / "r3")
+                        "train.lr=1e-3", f"checkpoint.dir={tmp_path}/s2", "checkpoint.interval=1"], tmp_path / "r3")
     assert full_lr["lrs"][0] == pytest.approx(1e-3)  # fresh scheduler (warm-up 0): starts at the peak
+    # fresh optimizer: after stage 2's first step Adam counts 1 step (stage 1 saved 3), and both moments started
+    # from zero: exp_avg = (1 - b1) g, exp_avg_sq = (1 - b2) g^2, so exp_avg^2 / exp_avg_sq = 0.01 / 0.001 = 10
+    from megatron.core import dist_checkpointing
+    from megallava.convert.dcp import CheckpointReader
+
+    def adam(ckpt):
+        groups = dist_checkpointing.load_common_state_dict(str(ckpt))["optimizer"]["optimizer"]["param_groups"]
+        reader = CheckpointReader(str(ckpt))
+        m, v = (reader.read(f"optimizer.state.{k}.projector.linear_1.weight") for k in ("exp_avg", "exp_avg_sq"))
+        ratio = (m.double() ** 2 / v.double())[v > 0]
+        return {g["step"] for g in groups}, ratio
+
+    steps, ratio = adam(tmp_path / "s2" / "iter_0000001")
+    assert steps == {1} and ratio.numel() > 1000
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 10.0), rtol=1e-4, atol=0)
+    s1_steps, s1_ratio = adam(tmp_path / "s1" / "iter_0000003")
+    assert s1_steps == {3} and (s1_ratio - 10).abs().max() > 1  # the stage-1 state it did not load
     # a run that would start over a checkpoint.dir with checkpoints refuses unless asked
     train(1, ["train.iters=3", f"checkpoint.dir={tmp_path}/s1"], tmp_path / "r4", expect_error="checkpoint.overwrite")
+
+
+def test_load_projector_puts_a_stage1_projector_on_another_base(tmp_path):
+    """checkpoint.load_projector (LLaVA's --pretrain_mm_mlp_adapter): stage 2 starts with the base checkpoint's LLM
+    (and ViT) and the stage-1 checkpoint's projector."""
+    s1 = train(1, STAGE1 + ["train.iters=2", f"checkpoint.dir={tmp_path}/s1"], tmp_path / "r1")
+    base = train(1, ["train.iters=1", "train.seed=7", f"checkpoint.dir={tmp_path}/base"], tmp_path / "rb")
+    s2 = train(1, ["train.iters=1", f"checkpoint.load={tmp_path}/base", "checkpoint.finetune=true",
+                   f"checkpoint.load_projector={tmp_path}/s1", "train.lr=1e-30", "train.min_lr=0"], tmp_path / "r2")
+    first = s2["first_weights"]
+    torch.testing.assert_close(first["projector.linear_1.weight"], s1["weights"]["projector.linear_1.weight"],
+                               rtol=0, atol=1e-20)
+    for name in ("decoder.layers.1.mlp.linear_fc1.weight", "embedding.weight"):
+        torch.testing.assert_close(first[name], base["weights"][name], rtol=0, atol=1e-20)
+        assert (base["weights"][name] - s1["weights"][name]).abs().max() > 1e-3  # the two sources differ
+    assert (base["weights"]["projector.linear_1.weight"] - s1["weights"]["projector.linear_1.weight"]).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")
