@@ -355,7 +355,9 @@ def test_mismatched_resume_is_refused_naming_both_values(reference, demo_data, t
     assert tokenizer_sha256(str(saved / TOKENIZER_DIR / "tokenizer.model")) == fingerprint["tokenizer"]["sha256"]
     from megallava.data.tokenizer import train_sentencepiece
     texts = [t["value"] for r in json.load(open(demo_data / "llava_instruct.json")) for t in r["conversations"]]
-    other = train_sentencepiece(texts, str(tmp_path / "other"), 400)
+    # as many pieces as the demo tokenizer, so that the checkpoint's image_token_id (1536, the first id after them)
+    # suits it too: the tokenizer is the only difference
+    other = train_sentencepiece(texts, str(tmp_path / "other"), 1536)
     with pytest.raises(RuntimeError) as e:
         train(1, TP1 + shards + [f"data.tokenizer={other}", "train.iters=3", f"checkpoint.load={tmp_path}/sck"],
               tmp_path / "d", config=DEMO)
