@@ -420,6 +420,8 @@ def test_problems_found_before_the_model_is_built(demo_data, tmp_path):
     deleted = sorted((tmp_path / "sharegpt").glob("*.tar"))[0]
     deleted.unlink()
     (tmp_path / "ckpt").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "PREEMPTED").write_text("7\n")  # a stale marker of a preempted run: removed at start
     restore = _read_only(tmp_path / "ckpt")
     try:
         args = TP1 + [f"data.tokenizer={demo_data}/tokenizer.model", f"train.run_dir={tmp_path}/run",
@@ -432,6 +434,8 @@ def test_problems_found_before_the_model_is_built(demo_data, tmp_path):
     assert "megallava.train: cannot start (3 problems)" in out
     assert f"checkpoint.dir={tmp_path}/ckpt is not writable" in out
     assert f"shard {truncated} is truncated or changed" in out and f"shard {deleted} is missing" in out
+    # A job script requeues on the marker (examples/slurm/*.sbatch): a run that fails at start must not leave one.
+    assert not (tmp_path / "run" / "PREEMPTED").exists()
 
 
 def test_seq_length_too_short_for_shard_data(demo_data, tmp_path):

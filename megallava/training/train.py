@@ -145,6 +145,19 @@ PREEMPTED = 75                      # exit status after a SIGTERM save with iter
 PREEMPTED_MARKER = "PREEMPTED"      # the same, as a file in run_dir (torchrun maps worker exit codes to 1)
 
 
+def clear_preempted(run_dir: str) -> None:
+    """Remove a ``PREEMPTED`` marker left by a previous (preempted) run of ``run_dir``, first thing at start: a run
+    that then fails at start-up (preflight, checkpoint load, model build) must not look preempted, or job scripts
+    that requeue on the marker would requeue it forever."""
+    try:
+        os.remove(os.path.join(run_dir, PREEMPTED_MARKER))
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # e.g. a read-only run_dir: preflight names the problem
+        print(f"warning: cannot remove the stale {os.path.join(run_dir, PREEMPTED_MARKER)} ({e.strerror or e})",
+              file=sys.stderr, flush=True)
+
+
 class Records(list):
     """Per-iteration records; ``preempted``: the run stopped on SIGTERM (and saved) with iterations left."""
     preempted = False
@@ -199,6 +212,8 @@ def run(cfg: C.Config, env: LaunchEnv, on_iteration=None) -> list:
     from megallava.training import faults
     from megallava.training.preemption import PreemptionHandler
 
+    if env.rank == 0:  # before anything that can fail: a stale marker would make job scripts requeue a failure
+        clear_preempted(cfg.train.run_dir)
     own_watchdog = faults.watchdog() is None
     faults.set_rank(env.rank)
     faults.start_watchdog(env.rank)
@@ -322,8 +337,6 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
         _purge_tensorboard(metrics, start)
     faults.watchdog().disarm()  # the first iteration has the start-up budget, every phase below its own
     records, slowest, collective_s = Records(), 0.0, t.startup_timeout_s
-    if rank0 and os.path.exists(os.path.join(t.run_dir, PREEMPTED_MARKER)):
-        os.remove(os.path.join(t.run_dir, PREEMPTED_MARKER))
     for iteration in range(start + 1, t.iters + 1):
         first = iteration == start + 1
         budget = t.startup_timeout_s if first else t.fault_timeout_s + 2 * slowest
