@@ -207,10 +207,12 @@ TP2 = ["parallel.tp=2", "parallel.pp=1"]  # both ranks write checkpoint files (u
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """4 uninterrupted iterations on 2 ranks (TP2), a checkpoint after each."""
+def reference(demo_data, tmp_path_factory):
+    """4 uninterrupted iterations on 2 ranks (TP2), a checkpoint after each (with a tokenizer copy: the synthetic
+    data does not read it, but the checkpoints then hold every file kind)."""
     d = tmp_path_factory.mktemp("reference")
-    return train(2, TP2 + ["train.iters=4", f"checkpoint.dir={d}/ckpt", "checkpoint.interval=1"], d), d / "ckpt"
+    return train(2, TP2 + ["train.iters=4", f"checkpoint.dir={d}/ckpt", "checkpoint.interval=1",
+                           f"data.tokenizer={demo_data}/tokenizer.model"], d), d / "ckpt"
 
 
 def test_disk_full_in_one_rank_then_exact_resume(reference, tmp_path):
@@ -272,9 +274,15 @@ DAMAGE = {  # what to do to the latest checkpoint -> what the error must say
     "truncate_common": (lambda d: os.truncate(d / "common.pt", 50), "common.pt has 50 bytes"),
     "delete_common": (lambda d: os.remove(d / "common.pt"), "common.pt is missing"),
     "flip_metadata": (lambda d: _flip(d / ".metadata"), ".metadata is damaged"),
+    "truncate_metadata": (lambda d: os.truncate(d / ".metadata", 10), ".metadata has 10 bytes"),
     "delete_metadata": (lambda d: os.remove(d / ".metadata"), ".metadata is missing"),
     "delete_metadata_json": (lambda d: os.remove(d / "metadata.json"), "metadata.json is missing"),
     "delete_fingerprint": (lambda d: os.remove(d / "fingerprint.json"), "fingerprint.json is missing"),
+    "flip_fingerprint": (lambda d: _flip(d / "fingerprint.json"), "fingerprint.json is damaged"),
+    "truncate_fingerprint": (lambda d: os.truncate(d / "fingerprint.json", 5), "fingerprint.json has 5 bytes"),
+    "flip_tokenizer": (lambda d: _flip(d / TOKENIZER_DIR / "tokenizer.model"), "tokenizer/tokenizer.model is damaged"),
+    "delete_tokenizer": (lambda d: os.remove(d / TOKENIZER_DIR / "tokenizer.model"),
+                         "tokenizer/tokenizer.model is missing"),
     "delete_manifest": (lambda d: os.remove(d / integrity.MANIFEST), "integrity.json is missing"),
     "truncate_manifest": (lambda d: os.truncate(d / integrity.MANIFEST, 10), "integrity.json is unreadable"),
 }
@@ -285,7 +293,8 @@ def test_damaged_checkpoint_is_refused_naming_the_file_or_falls_back(reference, 
     roots = {}
     for kind, (damage, _) in DAMAGE.items():
         roots[kind] = tmp_path / kind
-        shutil.copytree(ck, roots[kind])
+        for name in ("iter_0000003", "iter_0000004", "latest"):  # the damaged latest and the one to fall back to
+            (shutil.copytree if name.startswith("iter") else shutil.copy)(ck / name, roots[kind] / name)
         damage(roots[kind] / "iter_0000004")
     (tmp_path / "bad_latest").mkdir()
     shutil.copytree(ck / "iter_0000003", tmp_path / "bad_latest" / "iter_0000003")
@@ -331,8 +340,74 @@ def test_preflight_size_estimate_counts_the_saved_parameters(reference):
     cfg = C.load_config(TINY, TP2)
     total = sum(math.prod(shape) for shape in saved.values())
     assert parameter_counts(cfg)[0] == total
-    on_disk = sum(f.stat().st_size for f in (ck / "iter_0000004").iterdir())
+    on_disk = sum(f.stat().st_size for f in (ck / "iter_0000004").rglob("*") if f.is_file())
     assert 0.85 * on_disk < checkpoint_bytes(cfg) < on_disk  # the rest is metadata: preflight adds 10%
+
+
+MISMATCH = {  # this run's overrides, weights-only load? -> what the refusal must say (checkpoint value, this run's)
+    "vocab_size": (["model.vocab_size=600"], False, "model.vocab_size: checkpoint 500, this run 600"),
+    "image_token_id": (["model.image_token_id=499"], False, "model.image_token_id: checkpoint -200, this run 499"),
+    "image_token_id_weights_only": (["model.image_token_id=499"], True,
+                                    "model.image_token_id: checkpoint -200, this run 499"),
+    "ffn_hidden_size": (["model.ffn_hidden_size=128"], False, "model.ffn_hidden_size: checkpoint 176, this run 128"),
+    "vision": (["model.vision.image_size=28"], False, "model.vision.image_size: checkpoint 56, this run 28"),
+    "tokenizer": (["data.tokenizer=OTHER"], False, "data.tokenizer: checkpoint sha256 "),
+}
+
+
+@pytest.mark.parametrize("kind", list(MISMATCH))
+def test_mismatched_fingerprint_table(kind, reference, tmp_path):
+    """check_fingerprint (what the trainer runs before building the model) against the reference checkpoint."""
+    from megallava.training.fingerprint import model_fingerprint
+
+    _, ck = reference
+    overrides, weights_only, expected = MISMATCH[kind]
+    other = tmp_path / "other.model"
+    other.write_bytes(b"not the checkpoint's tokenizer")
+    cfg = C.load_config(TINY, TP2 + [o.replace("OTHER", str(other)) for o in overrides])
+    with pytest.raises(ckpt_mod.CheckpointError) as e:
+        ckpt_mod.check_fingerprint(str(ck / "iter_0000004"), model_fingerprint(cfg), load_optimizer=not weights_only)
+    assert f"checkpoint {ck / 'iter_0000004'} does not match this run:\n  - {expected}" in str(e.value)
+    assert len(str(e.value).split("\n  - ")) == 2  # this difference alone
+
+
+def test_resolve_load_decides_inside_by_whole_path_components(tmp_path):
+    """checkpoint.dir=ckpt holds checkpoints: loading ckpt/iter_N (or ckpt itself) resumes it, but ckpt2 is another
+    directory: starting from it would replace ckpt's checkpoints, refused unless checkpoint.overwrite=true."""
+    from megallava.training.train import _inside, resolve_load
+
+    (tmp_path / "ckpt" / "iter_0000001").mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000001\n")
+    (tmp_path / "ckpt2").mkdir()
+    assert _inside(f"{tmp_path}/ckpt/iter_0000001", f"{tmp_path}/ckpt") and _inside(f"{tmp_path}/ckpt/", f"{tmp_path}/ckpt")
+    assert not _inside(f"{tmp_path}/ckpt2", f"{tmp_path}/ckpt") and not _inside(f"{tmp_path}", f"{tmp_path}/ckpt")
+
+    def resolve(*overrides):
+        return resolve_load(C.load_config(TINY, [f"checkpoint.dir={tmp_path}/ckpt", *overrides]))
+
+    assert resolve("checkpoint.load=auto") == f"{tmp_path}/ckpt"
+    assert resolve(f"checkpoint.load={tmp_path}/ckpt/iter_0000001") == f"{tmp_path}/ckpt/iter_0000001"
+    with pytest.raises(ckpt_mod.CheckpointError, match=re.escape(f"would start from {tmp_path}/ckpt2 and replace")):
+        resolve(f"checkpoint.load={tmp_path}/ckpt2")
+    with pytest.raises(ckpt_mod.CheckpointError, match="would start fresh and replace them"):
+        resolve()
+    assert resolve(f"checkpoint.load={tmp_path}/ckpt2", "checkpoint.overwrite=true") == f"{tmp_path}/ckpt2"
+
+
+def test_overwrite_starts_fresh_and_replaces_the_old_checkpoints(reference, tmp_path):
+    """checkpoint.overwrite=true over a dir with another run's iterations 1-4: this run starts at iteration 1 (the
+    uninterrupted losses), and its first save removes the old run's checkpoints, so that checkpoint.keep=2 keeps
+    this run's (the old iter_0000004 would otherwise outrank them and the new iter_0000001 be pruned at once)."""
+    full, ck = reference
+    shutil.copytree(ck, tmp_path / "ck")
+    args = TP2 + ["train.iters=4", "train.exit_interval=2", f"checkpoint.dir={tmp_path}/ck", "checkpoint.interval=1",
+                  "checkpoint.keep=2"]
+    with pytest.raises(RuntimeError, match="checkpoint.overwrite=true"):
+        train(2, args, tmp_path / "refused")
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(os.listdir(ck))  # a refused start changes nothing
+    assert train(2, args + ["checkpoint.overwrite=true"], tmp_path / "run") == full[:2]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000001", "iter_0000002", "latest"]
+    assert_intact(tmp_path / "ck", "iter_0000002")
 
 
 def test_mismatched_resume_is_refused_naming_both_values(reference, demo_data, tmp_path):

@@ -1,6 +1,7 @@
 """Training entry point: ``torchrun --nproc-per-node N -m megallava.train --config FILE [key=value ...]``."""
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -163,6 +164,12 @@ class Records(list):
     preempted = False
 
 
+def _inside(path: str, directory: str) -> bool:
+    """``path`` is ``directory`` or lies below it (whole path components: ``ckpt2`` is not inside ``ckpt``)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
 def resolve_load(cfg) -> str:
     """checkpoint.load with ``auto`` resolved (checkpoint.dir's latest, or nothing), after refusing to start over a
     checkpoint.dir that holds another run's checkpoints (its ``latest`` would be replaced) unless checkpoint.overwrite."""
@@ -171,7 +178,7 @@ def resolve_load(cfg) -> str:
     ck = cfg.checkpoint
     existing = ck.dir and os.path.isfile(os.path.join(ck.dir, checkpoint.LATEST))
     load = (ck.dir if existing else None) if ck.load == "auto" else ck.load
-    inside = bool(load) and existing and os.path.abspath(load).startswith(os.path.abspath(ck.dir))
+    inside = bool(load) and existing and _inside(load, ck.dir)
     if existing and not inside and not ck.overwrite:
         raise checkpoint.CheckpointError(
             f"checkpoint.dir={ck.dir} already holds checkpoints (latest: {checkpoint.resolve(ck.dir)}), and this run "
@@ -264,6 +271,12 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
         C.dump_yaml(cfg, f"{t.run_dir}/config.yaml")
     fingerprint = model_fingerprint(cfg)
     load_path = resolve_load(cfg)
+    # checkpoint.overwrite=true over another run's checkpoints: they are removed after this run's first save (until
+    # then 'latest' still names the old run's, which a failed start leaves as they were). Left in place, the old
+    # run's higher iterations would outrank the new ones: checkpoint.keep would prune the new run's checkpoints.
+    replaced = (checkpoint.complete_iterations(ck.dir) if ck.dir and ck.overwrite and
+                os.path.isfile(os.path.join(ck.dir, checkpoint.LATEST)) and
+                not (load_path and _inside(load_path, ck.dir)) else [])
     to_load = None
     if load_path:  # damaged, incomplete or another model's: refused before minutes go into building a model
         faults.note(f"start-up: verifying checkpoint {load_path}")
@@ -381,9 +394,16 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
                     faults.collective_timeout(ck.timeout_s, restore=collective_s), injector.saving(iteration):
                 sync_params(model, cfg)
                 t_save = time.perf_counter()
-                saved = checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, ck.keep,
+                saved = checkpoint.save(ck.dir, model, optimizer, scheduler, iteration, None if replaced else ck.keep,
                                         fingerprint=fingerprint, tokenizer=cfg.data.tokenizer, lora_base=lora_base,
                                         extra_files=[os.path.join(t.run_dir, "config.yaml")])
+                if replaced and rank0:
+                    old = [checkpoint.iter_dirname(i) for i in replaced if i != iteration]
+                    for name in old:
+                        shutil.rmtree(os.path.join(ck.dir, name), ignore_errors=True)
+                    print(f"checkpoint.overwrite=true: removed the previous run's {len(old)} checkpoint(s) from "
+                          f"{ck.dir}", flush=True)
+                replaced = []
                 if rank0:
                     print(f"saved {saved} in {time.perf_counter() - t_save:.1f} s", flush=True)
         if stop:
