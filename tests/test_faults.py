@@ -533,9 +533,16 @@ def test_seq_length_too_short_for_shard_data(demo_data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_run_that_skips_every_sample_stops_naming_the_samples(demo_data, tmp_path, capfd):
+    from megallava.data.shards import read_sample
+
     src = tmp_path / "instruct"
     shutil.copytree(demo_data / "shards" / "instruct", src)
     manifest = json.loads((src / "manifest.json").read_text())
+    ids = {}  # key -> the record's id in the input JSON, read before the damage
+    for shard in manifest["shards"]:
+        with open(src / shard["name"], "rb") as f:
+            for key, off, size in zip(shard["keys"], shard["offsets"], shard["sizes"]):
+                ids[key] = json.loads(read_sample(f, off, size)["json"])["id"]
     for shard in manifest["shards"]:  # damage every sample's bytes (sizes unchanged: only the CRCs catch it)
         with open(src / shard["name"], "r+b") as f:
             for off, size in zip(shard["offsets"], shard["sizes"]):
@@ -547,10 +554,14 @@ def test_run_that_skips_every_sample_stops_naming_the_samples(demo_data, tmp_pat
         train(1, args, tmp_path / "run", config=DEMO)
     message = str(e.value)
     assert "DataHealthError: iteration 1: every sample of the global batch (8) was skipped" in message
-    assert "corrupt_sample 8 (e.g. sample instruct_" in message and f"in {src}/instruct-0000" in message
+    example = re.search(r"corrupt_sample 8 \(e\.g\. sample (instruct_\d+) \(id '([^']+)'\) in (\S+)\)", message)
+    assert example and example.group(2) == ids[example.group(1)], message  # shard key and original id
+    assert example.group(3).startswith(f"{src}/instruct-0000")
     logged = [line for line in capfd.readouterr().err.splitlines() if "skipped corrupt_sample" in line]
-    assert len(logged) == 8 and all(line.startswith("[rank 0] skipped corrupt_sample: sample instruct_")
-                                    for line in logged)  # once each, with shard and key
+    named = [re.fullmatch(rf"\[rank 0\] skipped corrupt_sample: sample (instruct_\d+) \(id '([^']+)'\) in "
+                          rf"{src}/instruct-\d+\.tar", line) for line in logged]
+    assert len(logged) == 8 and all(named), logged  # once each, with shard, key and the id in the input JSON
+    assert all(m.group(2) == ids[m.group(1)] for m in named) and len({m.group(1) for m in named}) == 8
 
 def test_skip_monitor_rules(monkeypatch):
     from megallava.training.data_health import DataHealthError, SkipMonitor

@@ -17,7 +17,9 @@ is taken from bytes and text that the first and the last pipeline stage both rea
 decodes images), so both stages always build the same micro-batch. A shard whose size differs from its manifest
 (a cut-off copy) stops the loader at start with an error naming the shard; damaged bytes inside a complete shard
 fail their CRC and are skipped as ``corrupt_sample``. Each skipped sample is also listed in
-``batch["skipped_samples"]`` as (reason, shard path, key), so the trainer can name it.
+``batch["skipped_samples"]`` as (reason, shard path, key, original id), so the trainer can name it; the original id
+is the ``id`` make_shards stored from the input JSON (for a corrupt sample, read from its damaged bytes when its
+``.json`` member still parses; else None).
 
 Workers never outlive their rank: they ignore SIGTERM (a preempted trainer still needs its data to finish the
 iteration and save), so they ask the kernel to SIGKILL them when the rank dies (PR_SET_PDEATHSIG), and the rank's
@@ -32,6 +34,7 @@ import hashlib
 import json
 import os
 import signal
+import tarfile
 import weakref
 from collections import Counter, OrderedDict
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -42,7 +45,7 @@ import torch
 from megallava.config import image_tokens_per_image
 from megallava.data.batching import IGNORE_INDEX, collate, pack
 from megallava.data.images import ImageError, load_image
-from megallava.data.shards import ShardError, load_manifest, read_sample
+from megallava.data.shards import ShardError, load_manifest, parse_sample, read_sample
 from megallava.data.templates import REASONS, TemplateError, encode_conversation
 
 WORKER_TIMEOUT_S = 600   # a hung worker raises after this long instead of stalling every rank forever
@@ -218,6 +221,18 @@ class MicroBatches(torch.utils.data.Dataset):
         return {"tokens": torch.tensor(tokens, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "images": images, "source": s, "key": src.keys[k]}, None
 
+    def original_id(self, s: int, k: int):
+        """The id of sample ``k`` of source ``s`` in its input JSON (its ``.json`` member's ``id``), read without the
+        CRC check so that a damaged sample can still be named; None where that member does not parse either."""
+        src = self.sources[s]
+        f = self._file(src.paths[src.shard[k]])
+        f.seek(int(src.offset[k]))
+        try:
+            record = json.loads(parse_sample(f.read(int(src.size[k])))["json"])
+        except (tarfile.HeaderError, IndexError, KeyError, ValueError):
+            return None
+        return record.get("id") if isinstance(record, dict) else None
+
     def __getitem__(self, q: int) -> Dict:
         samples, skipped, named = [], Counter(), []
         for slot in self.slots(q):
@@ -226,7 +241,7 @@ class MicroBatches(torch.utils.data.Dataset):
             if sample is None:
                 skipped[reason] += 1
                 src = self.sources[s]
-                named.append((reason, src.paths[src.shard[k]], src.keys[k]))
+                named.append((reason, src.paths[src.shard[k]], src.keys[k], self.original_id(s, k)))
             else:
                 samples.append(sample)
         empty = not samples

@@ -3,7 +3,8 @@
 Contract:
 - ``SkipLog`` wraps the data iterator of the chunk that computes the loss, on tensor-parallel rank 0: every sample
   is read there by exactly one rank, which logs each damaged sample (``corrupt_sample``, ``bad_image``) once,
-  naming its shard and key, and remembers one example (shard, key) per skip reason.
+  naming its shard, key and original id (the input JSON's ``id``, where readable), and remembers one example
+  (shard, key, id) per skip reason.
 - ``SkipMonitor.check`` runs after every iteration on the global (all-reduced) counts, so every rank decides alike:
   it raises DataHealthError when an iteration trained no token, when a whole global batch was skipped, or when more
   than ``data.max_skip_fraction`` of the samples read by this run were skipped (once ``MIN_SAMPLES`` were read).
@@ -25,10 +26,15 @@ class DataHealthError(faults.RunError):
     collective = True
 
 
+def describe(shard: str, key: str, rid=None) -> str:
+    """'sample KEY (id ID) in SHARD': the shard key, and the id of the record in the input JSON where known."""
+    return f"sample {key}" + (f" (id {rid!r})" if rid is not None else "") + f" in {shard}"
+
+
 class SkipLog:
     def __init__(self, iterator: Iterable[Dict], log: bool):
         self._it, self.log = iter(iterator), log
-        self.examples: Dict[str, Tuple[str, str]] = {}
+        self.examples: Dict[str, Tuple] = {}
         self._seen = set()
 
     def __iter__(self):
@@ -36,11 +42,12 @@ class SkipLog:
 
     def __next__(self) -> Dict:
         batch = next(self._it)
-        for reason, shard, key in batch.get("skipped_samples", ()):
-            self.examples.setdefault(reason, (shard, key))
+        for reason, shard, key, *rid in batch.get("skipped_samples", ()):
+            example = (shard, key, rid[0] if rid else None)
+            self.examples.setdefault(reason, example)
             if self.log and reason in LOGGED and (shard, key) not in self._seen:
                 self._seen.add((shard, key))
-                print(f"{faults.label()} skipped {reason}: sample {key} in {shard}", file=sys.stderr, flush=True)
+                print(f"{faults.label()} skipped {reason}: {describe(*example)}", file=sys.stderr, flush=True)
         return batch
 
 
@@ -50,8 +57,8 @@ class SkipMonitor:
         self.max_fraction, self.G, self.reasons, self.skip_log = max_fraction, global_batch_size, reasons, skip_log
         self.read, self.skipped = 0, Counter()
 
-    def _examples(self) -> Dict[str, Tuple[str, str]]:
-        """Collective: one example (shard, key) per reason, from whichever rank saw one."""
+    def _examples(self) -> Dict[str, Tuple]:
+        """Collective: one example (shard, key, original id) per reason, from whichever rank saw one."""
         mine = self.skip_log.examples if self.skip_log is not None else {}
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, mine)
@@ -78,7 +85,7 @@ class SkipMonitor:
         if problem is None:
             return
         examples = self._examples()
-        top = ", ".join(f"{r} {n}" + (f" (e.g. sample {examples[r][1]} in {examples[r][0]})" if r in examples else "")
+        top = ", ".join(f"{r} {n}" + (f" (e.g. {describe(*examples[r])})" if r in examples else "")
                         for r, n in self.skipped.most_common(3))
         raise DataHealthError(
             f"{problem}" + (f"; skipped so far: {top}" if top else "") + ". The run would learn nothing from them: "
