@@ -232,14 +232,20 @@ def test_disk_full_in_one_rank_then_exact_resume(reference, tmp_path):
     assert logged == [1, 2, 3, 4]  # the failed run's iteration 3 was dropped: one clean history
 
 
-def _can_mount_tmpfs():
-    if not shutil.which("unshare") or sys.platform != "linux":
-        return False
-    return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                          capture_output=True).returncode == 0
+def _tmpfs_problem():
+    """'' if this process can mount a tmpfs in a private mount namespace, else why not (the skip reason)."""
+    if sys.platform != "linux" or not shutil.which("unshare"):
+        return "needs Linux and unshare (util-linux) to mount a tmpfs in a private mount namespace"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True,
+                       text=True)
+    return "" if r.returncode == 0 else (f"SKIPPED: cannot mount a tmpfs in a private mount namespace (unshare -m; "
+                                         f"needs root or CAP_SYS_ADMIN): {r.stderr.strip()[-200:]}")
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a private mount namespace (unshare -m) to mount a tmpfs")
+TMPFS_PROBLEM = _tmpfs_problem()
+
+
+@pytest.mark.skipif(bool(TMPFS_PROBLEM), reason=TMPFS_PROBLEM)
 def test_real_disk_full_on_a_small_tmpfs(tmp_path):
     """A real full filesystem: torch's serializer reports "unexpected pos"; we say what it is. The tmpfs holds one
     checkpoint (preflight passes) but not two."""
@@ -253,6 +259,28 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path):
     assert f"no space left on device while saving iteration 2 to {ck}" in out
     listing = out.strip().splitlines()[-5:]  # ls -a and cat latest, after the run
     assert listing == [".", "..", "iter_0000001", "latest", "iter_0000001"], listing
+
+
+@pytest.mark.skipif(bool(TMPFS_PROBLEM), reason=TMPFS_PROBLEM)
+def test_preflight_refuses_a_filesystem_too_small_for_one_checkpoint(tmp_path):
+    """A 1 MiB tmpfs as checkpoint.dir: refused at start (exit 2, before the model is built) with the free space and
+    the estimated size of one checkpoint (the parameter count's weights + optimizer state, +10%)."""
+    from megallava.training.preflight import MARGIN, checkpoint_bytes, parameter_counts
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    overrides = TP1 + BASE + ["train.iters=4", f"train.run_dir={tmp_path}", f"checkpoint.dir={ck}"]
+    script = f"mount -t tmpfs -o size=1m tmpfs {ck} && {' '.join(trainer(TINY, overrides))}; echo rc=$?"
+    codes, out, elapsed = launch([(["unshare", "-m", "sh", "-c", script], clean_env())], str(tmp_path))
+    assert "rc=2" in out and elapsed < BOUND_S and "Traceback" not in out, out[-4000:]
+    cfg = C.load_config(TINY, overrides)
+    need, params = checkpoint_bytes(cfg) * MARGIN, parameter_counts(cfg)[0]
+    m = re.search(rf"checkpoint.dir={ck} has ([0-9.]+) MiB free but one checkpoint needs about ([0-9.]+) MiB "
+                  rf"\({params / 1e6:.3f}M parameters with their optimizer state\): free space or choose a larger "
+                  r"filesystem", out)
+    assert m, out[-4000:]
+    assert 0.9 < float(m.group(1)) <= 1.0 and float(m.group(2)) == round(need / 2**20, 1) > 1.0
+    assert "megallava: 1 ranks" not in out  # no banner: refused before the model was built
 
 
 # ---------------------------------------------------------------------------------------------------------------

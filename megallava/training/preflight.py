@@ -74,6 +74,15 @@ def checkpoint_bytes(cfg) -> int:
     return total * weight + trainable * optim
 
 
+def _size(n: float) -> str:
+    """Bytes for a message: GiB from 1 GiB up, else MiB (a small model's checkpoint is not '0.00 GiB')."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
 def _probe(directory: str) -> str:
     """'' if a file can be created, written, synced and removed in ``directory``, else why not."""
     path = os.path.join(directory, f".megallava-probe-{uuid.uuid4().hex}")
@@ -115,8 +124,8 @@ def _directories(cfg, locks: List[RunLock]) -> List[str]:
         need = checkpoint_bytes(cfg) * MARGIN
         free = shutil.disk_usage(ck).free
         if free < need:
-            problems.append(f"checkpoint.dir={ck} has {free / 2**30:.2f} GiB free but one checkpoint needs about "
-                            f"{need / 2**30:.2f} GiB ({parameter_counts(cfg)[0] / 1e9:.3f}B parameters with their "
+            problems.append(f"checkpoint.dir={ck} has {_size(free)} free but one checkpoint needs about "
+                            f"{_size(need)} ({_count(parameter_counts(cfg)[0])} parameters with their "
                             f"optimizer state): free space or choose a larger filesystem")
     return problems
 
