@@ -19,7 +19,8 @@ Contract:
 - ``FaultInjector``: the test hook ``MEGALLAVA_FAULT="RANK:ITERATION:KIND[,...]"`` (see its docstring).
 
 Exit status: 1 error, 2 invalid configuration or preflight problem, 124 watchdog timeout, 130 interrupted,
-143 second SIGTERM.
+143 second SIGTERM, 75 stopped by SIGTERM after saving (also for a SIGTERM that comes after that save:
+``set_sigterm_exit``).
 """
 import contextlib
 import errno
@@ -34,6 +35,7 @@ from datetime import timedelta
 from typing import Callable, List, Optional
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_TIMEOUT, EXIT_INTERRUPT, EXIT_SIGTERM = 1, 2, 124, 130, 143
+EXIT_PREEMPTED = 75   # stopped by SIGTERM after saving, with iterations left (job scripts requeue on it)
 SIGNAL_GRACE_S = 2.0  # Ctrl-C / second SIGTERM: the main thread's own handling gets this long (see _relay_signals)
 BACKSTOP_S = 30.0     # faulthandler's exit after a watchdog deadline, in case the watchdog thread cannot run
 
@@ -41,6 +43,7 @@ _rank: Optional[int] = None
 _cleanups: List[Callable[[], None]] = []
 _watchdog: Optional["Watchdog"] = None
 _failed_in: Optional[str] = None  # the phase the first exception left
+_sigterm_exit = EXIT_SIGTERM      # the status a further SIGTERM ends the rank with (see set_sigterm_exit)
 
 
 class RunError(RuntimeError):
@@ -53,6 +56,13 @@ class RunError(RuntimeError):
 def set_rank(rank: int) -> None:
     global _rank
     _rank = rank
+
+
+def set_sigterm_exit(code: int) -> None:
+    """The exit status of a rank that a further SIGTERM ends (the signal relay's, below): EXIT_SIGTERM, or
+    EXIT_PREEMPTED once a preempted run has saved (nothing is lost by stopping then; see training/preemption.py)."""
+    global _sigterm_exit
+    _sigterm_exit = code
 
 
 def label() -> str:
@@ -313,11 +323,12 @@ def _relay_signals() -> None:
                     terms += 1
                 if signum == signal.SIGINT or (signum == signal.SIGTERM and terms >= 2):
                     time.sleep(SIGNAL_GRACE_S)  # normally the main thread has ended the process by now
-                    what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "second SIGTERM"
+                    what = ("interrupted (Ctrl-C)" if signum == signal.SIGINT else "second SIGTERM"
+                            if _sigterm_exit != EXIT_PREEMPTED else "SIGTERM after the preemption save")
                     doing = _watchdog.what if _watchdog is not None else None
                     print(f"{label()} {what} while blocked in {doing or 'start-up'}: exiting now",
                           file=sys.stderr, flush=True)
-                    hard_exit(EXIT_INTERRUPT if signum == signal.SIGINT else EXIT_SIGTERM)
+                    hard_exit(EXIT_INTERRUPT if signum == signal.SIGINT else _sigterm_exit)
 
     threading.Thread(target=relay, name="megallava-signals", daemon=True).start()
 
@@ -383,6 +394,8 @@ class FaultInjector:
       hang    stop responding at the same point (a hung rank: the timeouts must end the job)
       worker  SIGKILL one of its data-loader workers before the step
       enospc  its checkpoint writer fails with ENOSPC in the save after ITERATION
+    Each fault first prints ``[rank R] MEGALLAVA_FAULT: KIND in iteration N at unix time T`` (flushed), so that a
+    test can measure the time from the fault to the end of the job.
     """
 
     def __init__(self, rank: int, spec: Optional[str] = None):
@@ -397,9 +410,15 @@ class FaultInjector:
     def __bool__(self):
         return bool(self.faults)
 
+    @staticmethod
+    def _announce(kind: str, iteration: int) -> None:
+        print(f"{label()} MEGALLAVA_FAULT: {kind} in iteration {iteration} at unix time {time.time():.3f}",
+              file=sys.stderr, flush=True)
+
     def start_iteration(self, iteration: int) -> None:
         self.iteration, self._calls = iteration, 0
         if self.faults.get(iteration) == "worker":
+            self._announce("worker", iteration)
             import megallava.data.loader as loader
             pids = loader.worker_pids()
             if pids:
@@ -411,6 +430,7 @@ class FaultInjector:
             self._calls += 1
             kind = self.faults.get(self.iteration)
             if self._calls == 2 and kind in ("raise", "sigkill", "hang"):
+                self._announce(kind, self.iteration)
                 if kind == "raise":
                     raise RuntimeError(f"injected fault (MEGALLAVA_FAULT) in iteration {self.iteration}")
                 if kind == "sigkill":
@@ -426,6 +446,7 @@ class FaultInjector:
             return
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
+        self._announce("enospc", iteration)
         original = fa._write_item
 
         def full(*args, **kwargs):

@@ -142,7 +142,7 @@ def _purge_tensorboard(metrics, after: int) -> None:
     tb.file_writer.add_event(Event(step=after + 1, session_log=SessionLog(status=SessionLog.START)))
 
 
-PREEMPTED = 75                      # exit status after a SIGTERM save with iterations left (job scripts requeue)
+PREEMPTED = 75                      # exit status after a SIGTERM save with iterations left (faults.EXIT_PREEMPTED)
 PREEMPTED_MARKER = "PREEMPTED"      # the same, as a file in run_dir (torchrun maps worker exit codes to 1)
 
 
@@ -419,6 +419,8 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     with faults.phase("final parameter sync", t.fault_timeout_s + 2 * slowest):
         sync_params(model, cfg)
     metrics.close()
+    if records.preempted:  # saved, past the last collective: a SIGTERM now (srun or torchrun ending us) -> exit 75
+        preemption.saved()
     return records
 
 
@@ -460,7 +462,12 @@ def main(argv=None) -> int:
                 pass
         faults.hard_exit(code)
     faults.stop_watchdog()
-    return PREEMPTED if records.preempted else 0
+    if records.preempted:
+        # os._exit, not the interpreter's shutdown: that resets signal handlers to their defaults, and the SIGTERM
+        # that srun --kill-on-bad-exit / torchrun sends the other ranks once the first one has exited 75 then killed
+        # them mid-exit (status 143). Everything is saved, closed and flushed by now.
+        faults.hard_exit(PREEMPTED)
+    return 0
 
 
 def summary(cfg, records) -> str:
