@@ -236,3 +236,34 @@ def test_balanced_split_when_pp_does_not_divide_the_layers():
     cfg = load_config(None, ["parallel.pp=3"])
     validate(cfg, 3)
     assert resolved_pipeline_layers(cfg) == [10, 11, 11]  # stage 0 (with the ViT) carries the fewest
+
+
+# ------------------------------------------------------------------------------------------ ${VAR} path templates
+
+def test_paths_expand_environment_variables(tmp_path, monkeypatch):
+    """train.run_dir and the checkpoint paths are filled from the environment (SLURM's job id and name), from the
+    YAML and from overrides; other keys and checkpoint.load=auto are left alone."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NAME", "llava-7b")
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    path = write(tmp_path, {"train": {"run_dir": "runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"},
+                            "checkpoint": {"dir": "$SCRATCH/ckpt/${SLURM_JOB_ID}"}})
+    cfg = load_config(path, ["checkpoint.load=auto", "checkpoint.load_projector=${SCRATCH}/s1/iter_0000001"])
+    assert cfg.train.run_dir == "runs/llava-7b-4242"
+    assert cfg.checkpoint.dir == f"{tmp_path}/ckpt/4242"
+    assert cfg.checkpoint.load == "auto"
+    assert cfg.checkpoint.load_projector == f"{tmp_path}/s1/iter_0000001"
+    cfg = load_config(None, ["train.run_dir=/r/$SLURM_JOB_NAME/${SLURM_JOB_ID}", "checkpoint.load=${SCRATCH}"])
+    assert cfg.train.run_dir == "/r/llava-7b/4242" and cfg.checkpoint.load == str(tmp_path)
+    validate(cfg, world_size=1)
+
+
+def test_unset_variable_in_a_path_is_named(monkeypatch):
+    """Outside SLURM the job id is not set: the path keeps the template and validation names the key."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("MEGALLAVA_UNSET_VAR", raising=False)
+    msg = problems(["train.run_dir=runs/job-${SLURM_JOB_ID}", "checkpoint.dir=$MEGALLAVA_UNSET_VAR/ck"])
+    assert ("train.run_dir=runs/job-${SLURM_JOB_ID}: the environment variable in it is not set (templates such as "
+            "runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID} are filled from the environment)") in msg
+    assert "checkpoint.dir=$MEGALLAVA_UNSET_VAR/ck: the environment variable in it is not set" in msg
+    assert "invalid configuration (2 problems)" in msg
