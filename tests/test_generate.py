@@ -334,7 +334,8 @@ def test_evaluate_cli_on_a_model_with_known_answers(demo_data, tmp_path):
 
     tok = load_tokenizer(str(demo_data / "tokenizer.model"))
     questions = [
-        {"subject": "astronomy", "question": "Which is a planet?", "choices": ["Sirius", "Mars", "Vega"], "answer": "B"},
+        {"subject": "astronomy", "question": "Which is a planet?", "choices": ["Sirius", "Mars", "Vega"],
+         "answer": "B"},
         {"subject": "astronomy", "question": "What orbits the Earth?", "choices": ["The Sun", "The Moon"], "answer": 1},
         {"subject": "cooking", "question": "What do you boil pasta in?", "choices": ["water", "sand"], "answer": "A"},
         {"subject": "cooking", "question": "What is a spice?", "choices": ["glass", "pepper", "tin", "ice"],

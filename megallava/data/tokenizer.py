@@ -129,8 +129,9 @@ class HFTokenizer(Tokenizer):
 
     def piece_to_id(self, piece: str) -> Optional[int]:
         found = self.tok.convert_tokens_to_ids(piece)  # unknown tokens give unk's id (or None)
-        ok = isinstance(found, int) and found != self.tok.unk_token_id and self.tok.convert_ids_to_tokens(found) == piece
-        return found if ok else None
+        if not isinstance(found, int) or found == self.tok.unk_token_id:
+            return None
+        return found if self.tok.convert_ids_to_tokens(found) == piece else None
 
     def id_to_piece(self, i: int) -> str:
         return self.tok.convert_ids_to_tokens(i)
