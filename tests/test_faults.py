@@ -109,9 +109,13 @@ def plain_ranks(world, config, overrides, slurm=False, **env):
 
 
 def first_error(output):
-    """The first labelled failure line of the job."""
-    return next(line for line in output.splitlines() if line.startswith("[rank ") and (
-        " error" in line or " stopping" in line or "watchdog" in line))
+    """The first labelled failure line of the job, from its label on (a label the launcher's pipe glued after
+    another process's partial line still counts)."""
+    for line in output.splitlines():
+        at = line.find("[rank ")
+        if at >= 0 and any(w in line[at:] for w in (" error", " stopping", "watchdog")):
+            return line[at:]
+    raise AssertionError("no labelled '[rank N] error/stopping/watchdog' line in the job's output:\n" + output[-4000:])
 
 
 def assert_intact(ckpt_dir, name):

@@ -431,6 +431,10 @@ def main(argv=None) -> int:
     from megallava.training import faults
 
     argv = sys.argv[1:] if argv is None else argv
+    # Whole lines only: under a launcher stdout is a pipe shared with stderr and the other ranks, and a block-
+    # buffered stdout flushes mid-line, so a rank's labelled error line could be glued onto half a log line.
+    if hasattr(sys.stdout, "reconfigure"):  # not under pytest's capture
+        sys.stdout.reconfigure(line_buffering=True)
     env = launch_env()
     faults.set_rank(env.rank)
     if env.rank != 0:  # library warnings come once, from rank 0; errors still come from the rank that failed
