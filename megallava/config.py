@@ -156,6 +156,9 @@ class CheckpointConfig:
     load_optimizer: bool = True                      # false = weights-only resume (e.g. after a layout change)
     finetune: bool = False                           # weights from checkpoint.load, then iteration 0 with a fresh
                                                      # optimizer, LR schedule and data order (Megatron's --finetune)
+    pretrained: Optional[str] = None                 # the weights a new run starts from when checkpoint.load finds
+                                                     # nothing (load: auto and an empty dir): finetune semantics, and
+                                                     # a requeue resumes its own checkpoints (--pretrained-checkpoint)
     load_projector: Optional[str] = None             # then the projector only from this checkpoint (LLaVA's
                                                      # --pretrain_mm_mlp_adapter: a stage-1 projector, another LLM)
     overwrite: bool = False                          # allow starting over a checkpoint.dir that holds checkpoints
@@ -350,7 +353,7 @@ def expand_paths(cfg: Config) -> None:
     """``${VAR}`` / ``$VAR`` in train.run_dir and the checkpoint paths are filled from the environment (e.g.
     ``runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}``); a variable that is not set stays and ``validate`` names it."""
     cfg.train.run_dir = os.path.expandvars(cfg.train.run_dir)
-    for name in ("dir", "load", "load_projector"):
+    for name in ("dir", "load", "pretrained", "load_projector"):
         value = getattr(cfg.checkpoint, name)
         if isinstance(value, str):
             setattr(cfg.checkpoint, name, os.path.expandvars(value))
@@ -652,9 +655,17 @@ def _validate_checkpoint(cfg: Config, p: _Checks) -> None:
         p.append(f"checkpoint.load={ck.load} does not exist")
     if ck.finetune and not ck.load:
         p.append("checkpoint.finetune=true needs checkpoint.load (the weights to start from)")
+    if ck.pretrained is not None:
+        if not os.path.exists(ck.pretrained):
+            p.append(f"checkpoint.pretrained={ck.pretrained} does not exist")
+        if ck.load not in (None, "auto"):
+            p.append(f"checkpoint.pretrained={ck.pretrained} is used only when checkpoint.load finds nothing, and "
+                     f"checkpoint.load={ck.load} always finds a checkpoint: set checkpoint.load=auto (resume this "
+                     f"run's checkpoints, else start from checkpoint.pretrained) or drop one of the two")
     if ck.load_projector is not None and not os.path.exists(ck.load_projector):
         p.append(f"checkpoint.load_projector={ck.load_projector} does not exist")
-    for key in ("train.run_dir", "checkpoint.dir", "checkpoint.load", "checkpoint.load_projector"):
+    for key in ("train.run_dir", "checkpoint.dir", "checkpoint.load", "checkpoint.pretrained",
+                "checkpoint.load_projector"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if isinstance(value, str) and "$" in value:

@@ -1654,16 +1654,17 @@ def render_paper_config(s: dict, res: PlanResult, path: str = "THIS_FILE") -> st
     start = ("checkpoints/" + s["model"] + "-base-megallava") if s["stage"] == 1 else \
         f"checkpoints/llava-{s['model']}-stage1-{s['image_size']}px"
     lines += [f"# Launch on SLURM ({nodes} node(s) x 8 GPUs, one task per GPU; see examples/slurm/train.sbatch):",
-              f"#   sbatch --nodes={nodes} examples/slurm/train.sbatch {path} checkpoint.load={start}",
-              "#   (train.sbatch passes checkpoint.load=auto, which only resumes the job's own checkpoints, so the "
-              "start weights",
-              "#   are named again after it; a requeued job then stops with an error instead of resuming its own "
-              "checkpoints.)",
+              f"#   sbatch --nodes={nodes} examples/slurm/train.sbatch {path}",
+              "#   (checkpoint.load=auto resumes the job's own checkpoints after a requeue; the first start, with "
+              "none yet,",
+              "#   takes the weights of checkpoint.pretrained, as a fine-tune: iteration 1, fresh optimizer and "
+              "schedule.)",
               f"# Or with torchrun on each node: torchrun --nnodes {nodes} --nproc-per-node 8 --node-rank $NODE_RANK "
               f"--master-addr $MASTER",
               f"#   --master-port 29500 -m megallava.train --config {path}",
               "# PLACEHOLDERS to replace: data.sources[*].path (shards from tools/make_shards.py), data.tokenizer,",
-              "# checkpoint.load (stage 1: the LLM + CLIP converted with tools/convert_checkpoint.py hf-to-megatron;",
+              "# checkpoint.pretrained (stage 1: the LLM + CLIP converted with tools/convert_checkpoint.py "
+              "hf-to-megatron;",
               "# stage 2: the stage-1 checkpoint), checkpoint.dir and train.run_dir (train.sbatch sets both per job);",
               "# train.iters = samples / global batch."]
     d = C.to_dict(cfg)
@@ -1684,10 +1685,11 @@ def render_paper_config(s: dict, res: PlanResult, path: str = "THIS_FILE") -> st
             diff["run_dir"] = f"runs/{paper_config_name(s)[:-5]}"
             diff = {k: diff[k] for k in d[section] if k in diff}
         if section == "checkpoint":
-            # finetune: the weights of checkpoint.load, then iteration 1 with a fresh optimizer and schedule (stage 2
-            # after stage 1's last iteration needs it; for stage 1's converted base it is what happens anyway)
-            diff = {"dir": f"checkpoints/{paper_config_name(s)[:-5]}", "interval": 500, "keep": 2, "load": start,
-                    "finetune": True}
+            # auto: a requeue resumes this run's checkpoints; the first start takes the weights of pretrained with
+            # finetune semantics (stage 2 after stage 1's last iteration needs them; for stage 1's converted base
+            # it is what happens anyway)
+            diff = {"dir": f"checkpoints/{paper_config_name(s)[:-5]}", "interval": 500, "keep": 2, "load": "auto",
+                    "pretrained": start}
         if section == "lora" and cfg.lora.rank == 0:
             continue
         if diff:

@@ -267,3 +267,19 @@ def test_unset_variable_in_a_path_is_named(monkeypatch):
             "runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID} are filled from the environment)") in msg
     assert "checkpoint.dir=$MEGALLAVA_UNSET_VAR/ck: the environment variable in it is not set" in msg
     assert "invalid configuration (2 problems)" in msg
+
+
+def test_pretrained_is_for_auto_resume_only(tmp_path, monkeypatch):
+    """checkpoint.pretrained starts a run whose checkpoint.load=auto finds nothing: with a fixed checkpoint.load it
+    would never be used (refused, naming both keys); a missing path is named; ${VAR} is filled like the others."""
+    monkeypatch.setenv("SCRATCH", str(tmp_path))
+    (tmp_path / "s1").mkdir()
+    cfg = load_config(None, ["checkpoint.dir=ck", "checkpoint.load=auto", "checkpoint.pretrained=${SCRATCH}/s1"])
+    assert cfg.checkpoint.pretrained == f"{tmp_path}/s1"
+    validate(cfg, world_size=1)
+    validate(load_config(None, [f"checkpoint.pretrained={tmp_path}/s1"]), world_size=1)  # a plain new run
+    msg = problems([f"checkpoint.load={tmp_path}/s1", f"checkpoint.pretrained={tmp_path}/s1"])
+    assert (f"checkpoint.pretrained={tmp_path}/s1 is used only when checkpoint.load finds nothing, and "
+            f"checkpoint.load={tmp_path}/s1 always finds a checkpoint: set checkpoint.load=auto") in msg
+    gone = f"checkpoint.pretrained={tmp_path}/gone"
+    assert f"{gone} does not exist" in problems([gone])

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from megallava import config as C
 from megallava.convert import dcp, hf_names
@@ -302,6 +303,15 @@ def test_export_without_the_conversion_describes_the_truncated_tower(work, conve
     cfg = LlavaConfig.from_pretrained(out)
     assert (cfg.vision_config.num_hidden_layers, cfg.vision_feature_layer) == (2, -1)
     assert verify(out, ckpt, config=yaml_path, tolerance=1e-4, log=QUIET)["ok"]
+    # a run config that started from the conversion (load: auto, pretrained: CONVERTED) leads back to it
+    with open(yaml_path) as f:
+        raw = yaml.safe_load(f)
+    raw["checkpoint"] = {"load": "auto", "pretrained": str(converted)}
+    run_cfg = str(cfg_dir / "config.yaml")
+    with open(run_cfg, "w") as f:
+        yaml.safe_dump(raw, f)
+    r = megatron_to_hf(ckpt, str(work / "hf_found"), config=run_cfg, tokenizer=hub_tok, log=QUIET)
+    assert r["source"] == os.path.abspath(converted) and r["full_tower"], r
 
 
 def test_trainer_checkpoint_reshards(converted, trainer_saved):

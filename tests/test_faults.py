@@ -492,13 +492,20 @@ def test_resolve_load_decides_inside_by_whole_path_components(tmp_path):
     def resolve(*overrides):
         return resolve_load(C.load_config(TINY, [f"checkpoint.dir={tmp_path}/ckpt", *overrides]))
 
-    assert resolve("checkpoint.load=auto") == f"{tmp_path}/ckpt"
-    assert resolve(f"checkpoint.load={tmp_path}/ckpt/iter_0000001") == f"{tmp_path}/ckpt/iter_0000001"
+    assert resolve("checkpoint.load=auto") == (f"{tmp_path}/ckpt", False)
+    assert resolve(f"checkpoint.load={tmp_path}/ckpt/iter_0000001") == (f"{tmp_path}/ckpt/iter_0000001", False)
+    # checkpoint.pretrained: used (as a fine-tune start) only when checkpoint.load=auto finds nothing
+    assert resolve("checkpoint.load=auto", f"checkpoint.pretrained={tmp_path}/ckpt2") == (f"{tmp_path}/ckpt", False)
+    assert resolve_load(C.load_config(TINY, [f"checkpoint.dir={tmp_path}/new", "checkpoint.load=auto",
+                                             f"checkpoint.pretrained={tmp_path}/ckpt2"])) == (f"{tmp_path}/ckpt2", True)
+    assert resolve_load(C.load_config(TINY, [f"checkpoint.dir={tmp_path}/new"])) == (None, False)
+    with pytest.raises(ckpt_mod.CheckpointError, match=re.escape(f"would start from {tmp_path}/ckpt2 and replace")):
+        resolve(f"checkpoint.pretrained={tmp_path}/ckpt2")
     with pytest.raises(ckpt_mod.CheckpointError, match=re.escape(f"would start from {tmp_path}/ckpt2 and replace")):
         resolve(f"checkpoint.load={tmp_path}/ckpt2")
     with pytest.raises(ckpt_mod.CheckpointError, match="would start fresh and replace them"):
         resolve()
-    assert resolve(f"checkpoint.load={tmp_path}/ckpt2", "checkpoint.overwrite=true") == f"{tmp_path}/ckpt2"
+    assert resolve(f"checkpoint.load={tmp_path}/ckpt2", "checkpoint.overwrite=true") == (f"{tmp_path}/ckpt2", False)
 
 
 def test_overwrite_starts_fresh_and_replaces_the_old_checkpoints(reference, tmp_path):

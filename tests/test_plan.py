@@ -394,19 +394,21 @@ def test_paper_configs_are_valid_and_state_their_layout(tmp_path):
         with open(path) as f:
             header = f.read()
         assert "Planner's layout: TP" in header and "PLACEHOLDERS" in header, path
-        # the SLURM launch: this file, the planned node count, and the weights the stage starts from named again
-        # after train.sbatch's checkpoint.load=auto (which would otherwise start from random weights)
+        # the SLURM launch: this file and the planned node count, nothing else: the file resumes its own
+        # checkpoints (load auto, what train.sbatch passes too) and starts from checkpoint.pretrained
         sbatch = next(line for line in header.splitlines() if "sbatch --nodes=" in line).split()
         nodes = int(sbatch[2].split("=")[1])
-        assert sbatch[3:5] == ["examples/slurm/train.sbatch", os.path.relpath(path, ROOT)], sbatch
+        assert sbatch[3:] == ["examples/slurm/train.sbatch", os.path.relpath(path, ROOT)], sbatch
         assert int(header.split("torchrun --nnodes ")[1].split()[0]) == nodes
         raw = C.load_config(path)
-        assert sbatch[5:] == [f"checkpoint.load={raw.checkpoint.load}"] and raw.checkpoint.finetune, sbatch
+        assert raw.checkpoint.load == "auto" and not raw.checkpoint.finetune, path
+        assert raw.checkpoint.pretrained.startswith("checkpoints/") and "checkpoint.pretrained" in header, path
+        assert ("stage1" in raw.checkpoint.pretrained) == ("stage2" in path), path   # stage 2 starts from stage 1
         job = ["data.source=synthetic", f"checkpoint.dir={tmp_path}/job/ckpt", "checkpoint.load=auto"]  # train.sbatch
-        cfg = C.load_config(path, job + [f"checkpoint.load={tmp_path}"])   # + the header's start weights
+        cfg = C.load_config(path, job + [f"checkpoint.pretrained={tmp_path}"])   # the placeholder filled in
         C.validate(cfg, nodes * 8)
-        with pytest.raises(C.ConfigError, match="checkpoint.finetune=true with checkpoint.load=auto"):
-            C.validate(C.load_config(path, job), nodes * 8)   # a bare sbatch line stops at once, loudly
+        with pytest.raises(C.ConfigError, match=f"checkpoint.pretrained={raw.checkpoint.pretrained} does not exist"):
+            C.validate(C.load_config(path, job), nodes * 8)   # the placeholder left in: named at once
         assert cfg.train.precision == "bf16"
         if "stage1" in path:
             assert not cfg.model.train_llm and cfg.train.lr == 1e-4

@@ -1,5 +1,5 @@
 """The paper's recipe across its seams: stage 1 (projector only) saves and resumes bitwise at every layout, stage 2
-starts from it with checkpoint.finetune, LoRA / QLoRA stage 2 saves only what it trains on top of its base and
+starts from it with checkpoint.finetune (or checkpoint.pretrained, which a requeue does not repeat), LoRA / QLoRA stage 2 saves only what it trains on top of its base and
 resumes bitwise; the guards around loading (auto, overwrite, nothing left to train)."""
 import os
 
@@ -139,6 +139,23 @@ def test_load_projector_puts_a_stage1_projector_on_another_base(tmp_path):
         assert (base["weights"][name] - s1["weights"][name]).abs().max() > 1e-3  # the two sources differ
     projector = "projector.linear_1.weight"
     assert (base["weights"][projector] - s1["weights"][projector]).abs().max() > 1e-3
+
+    # checkpoint.pretrained (Megatron's --pretrained-checkpoint): one command line for the first start and every
+    # requeue. The first start (checkpoint.dir empty) is exactly the fixed checkpoint.load + finetune start; a
+    # requeue resumes its own checkpoint: not the pretrained weights again, nor the stage-1 projector over the
+    # trained one, and it reproduces the uninterrupted run bitwise.
+    stage2 = ["train.iters=4", "checkpoint.load=auto", f"checkpoint.pretrained={tmp_path}/base",
+              f"checkpoint.load_projector={tmp_path}/s1"]
+    fixed = train(1, ["train.iters=4", f"checkpoint.load={tmp_path}/base", "checkpoint.finetune=true",
+                      f"checkpoint.load_projector={tmp_path}/s1"], tmp_path / "fixed")
+    full = train(1, stage2 + [f"checkpoint.dir={tmp_path}/full"], tmp_path / "full")
+    assert full["iterations"] == [1, 2, 3, 4] and full["losses"] == fixed["losses"]
+    first = train(1, stage2 + [f"checkpoint.dir={tmp_path}/rq", "train.exit_interval=2"], tmp_path / "rq")
+    again = train(1, stage2 + [f"checkpoint.dir={tmp_path}/rq"], tmp_path / "rq")
+    assert first["iterations"] == [1, 2] and again["iterations"] == [3, 4]
+    assert first["losses"] + again["losses"] == full["losses"]
+    for name in NAMES[:3]:
+        assert torch.equal(again["weights"][name], full["weights"][name]), name
 
 
 @pytest.fixture(scope="module")

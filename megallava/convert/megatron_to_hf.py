@@ -14,11 +14,12 @@ Two output formats:
 megallava builds the ViT only up to ``select_layer``; its checkpoints do not hold the layers above nor CLIP's
 ``post_layernorm``. When the checkpoint descends from an hf-to-megatron conversion (its ``hf_extra/`` is found:
 ``--source``, the checkpoint's ``hf_source``, the checkpoint root, next to ``--config``, or the run config's
-``checkpoint.load``), those tensors and the input's config come back: a round trip returns every tensor and config
-field it was given. Otherwise the export describes the truncated tower: ``num_hidden_layers`` = built layers and
-features read from its last layer (``vision_feature_layer: -1`` / ``mm_vision_select_layer: -1``), which is exactly
-the configured layer of the full tower, and ``post_layernorm`` (unused by LLaVA: features are taken before it) is
-written as the identity (weight 1, bias 0) so HF loads the model without missing-key warnings.
+``checkpoint.load`` / ``checkpoint.pretrained``), those tensors and the input's config come back: a round trip
+returns every tensor and config field it was given. Otherwise the export describes the truncated tower:
+``num_hidden_layers`` = built layers and features read from its last layer (``vision_feature_layer: -1`` /
+``mm_vision_select_layer: -1``), which is exactly the configured layer of the full tower, and ``post_layernorm``
+(unused by LLaVA: features are taken before it) is written as the identity (weight 1, bias 0) so HF loads the model
+without missing-key warnings.
 
 Besides the weights the output holds what makes it usable alone (convert/hf_export.py): the tokenizer the model was
 trained with (``--tokenizer``, else the checkpoint's ``iter_N/tokenizer/``, else the converted root's
@@ -298,9 +299,10 @@ def find_source(reader, model, config: str, source: str, runs: list, log) -> "So
     if config:
         candidates.append((os.path.dirname(os.path.abspath(config)), "next to --config", False))
     for path, raw in runs:
-        load = (raw.get("checkpoint") or {}).get("load")
-        if load:
-            candidates.append((_ckpt_root(load), f"{path} checkpoint.load", False))
+        for key in ("load", "pretrained"):  # the run's start weights (load=auto resumed its own checkpoints)
+            start = (raw.get("checkpoint") or {}).get(key)
+            if start and start != "auto":
+                candidates.append((_ckpt_root(start), f"{path} checkpoint.{key}", False))
     for root, where, explicit in candidates:
         if os.path.isfile(os.path.join(root, SOURCE_CONFIG)) or os.path.isdir(os.path.join(root, HF_EXTRA)):
             return SourceHome(os.path.abspath(root), model, where, explicit, log)

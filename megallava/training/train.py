@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Optional, Tuple
 
 import torch
 
@@ -170,22 +171,28 @@ def _inside(path: str, directory: str) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
-def resolve_load(cfg) -> str:
-    """checkpoint.load with ``auto`` resolved (checkpoint.dir's latest, or nothing), after refusing to start over a
-    checkpoint.dir that holds another run's checkpoints (its ``latest`` would be replaced) unless checkpoint.overwrite."""
-    from megallava.training import checkpoint, faults
+def resolve_load(cfg) -> Tuple[Optional[str], bool]:
+    """What this run loads and whether as a fine-tune start: checkpoint.load with ``auto`` resolved (checkpoint.dir's
+    latest, or nothing); when that finds nothing, checkpoint.pretrained with finetune semantics (iteration 0, fresh
+    optimizer, schedule and data order). So one command line serves a new run and every requeue of it: the first
+    start takes the pretrained weights, a requeue resumes its own checkpoints.
+
+    Refuses first to start over a checkpoint.dir that holds another run's checkpoints (its ``latest`` would be
+    replaced) unless checkpoint.overwrite."""
+    from megallava.training import checkpoint
 
     ck = cfg.checkpoint
     existing = ck.dir and os.path.isfile(os.path.join(ck.dir, checkpoint.LATEST))
     load = (ck.dir if existing else None) if ck.load == "auto" else ck.load
     inside = bool(load) and existing and _inside(load, ck.dir)
+    start = load or ck.pretrained
     if existing and not inside and not ck.overwrite:
         raise checkpoint.CheckpointError(
             f"checkpoint.dir={ck.dir} already holds checkpoints (latest: {checkpoint.resolve(ck.dir)}), and this run "
-            f"would {'start from ' + load if load else 'start fresh'} and replace them: resume with "
+            f"would {'start from ' + start if start else 'start fresh'} and replace them: resume with "
             f"checkpoint.load=auto (or checkpoint.load={ck.dir}), choose another checkpoint.dir, or set "
             f"checkpoint.overwrite=true", collective=True)
-    return load
+    return (load, ck.finetune) if load else (ck.pretrained, ck.pretrained is not None)
 
 
 def banner(cfg, chunks, world: int, start: int, loaded) -> str:
@@ -270,7 +277,7 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     if rank0:
         C.dump_yaml(cfg, f"{t.run_dir}/config.yaml")
     fingerprint = model_fingerprint(cfg)
-    load_path = resolve_load(cfg)
+    load_path, finetune = resolve_load(cfg)
     # checkpoint.overwrite=true over another run's checkpoints: they are removed after this run's first save (until
     # then 'latest' still names the old run's, which a failed start leaves as they were). Left in place, the old
     # run's higher iterations would outrank the new ones: checkpoint.keep would prune the new run's checkpoints.
@@ -281,9 +288,9 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     if load_path:  # damaged, incomplete or another model's: refused before minutes go into building a model
         faults.note(f"start-up: verifying checkpoint {load_path}")
         to_load = checkpoint.select(load_path, ck.fallback)
-        checkpoint.check_fingerprint(to_load, fingerprint, ck.load_optimizer and not ck.finetune)
+        checkpoint.check_fingerprint(to_load, fingerprint, ck.load_optimizer and not finetune)
         done = checkpoint.saved_iteration(to_load)
-        if not ck.finetune and done >= t.iters:
+        if not finetune and done >= t.iters:
             raise checkpoint.CheckpointError(
                 f"checkpoint {to_load} is at iteration {done} and train.iters={t.iters}: nothing left to train. To "
                 f"start a new stage from its weights set checkpoint.finetune=true (iteration 0, fresh optimizer and "
@@ -296,11 +303,12 @@ def _run(cfg, env, on_iteration, locks, unregister, preemption) -> list:
     if to_load:
         faults.note(f"start-up: loading checkpoint {to_load}")
         start = checkpoint.load(to_load, model, optimizer, scheduler, ck.load_optimizer, verified=True,
-                                finetune=ck.finetune)
+                                finetune=finetune)
         if rank0:
-            print(f"loaded {to_load}: " + (f"weights only, starting at iteration 1 (checkpoint.finetune)"
-                                           if ck.finetune else f"resuming after iteration {start}"), flush=True)
-    if ck.load_projector:
+            how = "checkpoint.finetune" if ck.finetune else "checkpoint.pretrained: nothing to resume"
+            print(f"loaded {to_load}: " + (f"weights only, starting at iteration 1 ({how})"
+                                           if finetune else f"resuming after iteration {start}"), flush=True)
+    if ck.load_projector and (finetune or not to_load):  # a resumed run's checkpoint holds its trained projector
         faults.note(f"start-up: loading the projector from {ck.load_projector}")
         checkpoint.load(ck.load_projector, model, None, None, load_optimizer=False, only=("projector.",))
         if rank0:
