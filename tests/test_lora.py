@@ -255,6 +255,16 @@ def _config_fn(rank, env):
                 if n.startswith("decoder.") and n.endswith(("linear_proj.weight", "linear_fc1.weight"))
                 and not p.requires_grad and not hasattr(chunk.get_submodule(n[:-7]), "lora_a")),
             "banner": banner(cfg, [chunk], 1, 0, None), "model": cfg.model}
+    # QLoRA: the quantised bases leave the parameters (empty weights) but stay in the banner's total
+    from megallava.model.lora import quantize_bases
+
+    total = sum(p.numel() for p in chunks["plain"].parameters())
+    bases = sum(chunks["plain"].get_submodule(n).weight.numel() for n in out["plain"]["lora_layers"])
+    qcfg = C.load_config(TINY, common + ["lora.quantize=true"])
+    qchunk = build_chunks(qcfg)[0]
+    quantize_bases([qchunk])
+    out["qlora"] = {"total": total, "bases": bases, "params_left": sum(p.numel() for p in qchunk.parameters()),
+                    "banner": banner(qcfg, [qchunk], 1, 0, None)}
     ids, pixels, _, _ = make_batch(out["plain"]["model"])
     fwd = {}
     with torch.no_grad():
@@ -330,6 +340,11 @@ def test_lora_targets_subset_and_the_banner(lora_configs):
     assert len(full["lora_layers"]) == 4 * L
     for case in (sub, full):
         assert f"{case['trainable']:,} trained" in case["banner"] and "LoRA-4" in case["banner"], case["banner"]
+    q = lora_configs["qlora"]
+    assert q["bases"] == L * (h * (n + 2 * g) * d + h * h + 2 * ffn * h + ffn * h)   # qkv, proj, fc1, fc2
+    assert q["params_left"] == q["total"] - q["bases"]
+    assert f"{q['total']:,} parameters ({q['bases']:,} of them NF4), {full['trainable']:,} trained" in q["banner"]
+    assert "QLoRA-4" in q["banner"], q["banner"]
 
 
 # ------------------------------------------------------------------------------------------ LoRA training

@@ -198,7 +198,10 @@ def resolve_load(cfg) -> Tuple[Optional[str], bool]:
 def banner(cfg, chunks, world: int, start: int, loaded) -> str:
     """The start line: layout, parameters (total and trainable, this rank's stage), data, precision, outputs."""
     p, t, d = cfg.parallel, cfg.train, cfg.data
-    total = sum(x.numel() for c in chunks for x in c.parameters())
+    # QLoRA's quantised bases are no longer parameters (their weight is an empty tensor): counted from the NF4 shape
+    nf4 = sum(m.quantized.shape.numel() for c in chunks for m in c.modules()
+              if getattr(m, "quantized", None) is not None)
+    total = sum(x.numel() for c in chunks for x in c.parameters()) + nf4
     trainable = sum(x.numel() for c in chunks for x in c.parameters() if x.requires_grad)
     method = "full" if cfg.lora.rank == 0 else f"{'QLoRA' if cfg.lora.quantize else 'LoRA'}-{cfg.lora.rank}"
     stage = "stage 2 (projector + LLM)" if cfg.model.train_llm else "stage 1 (projector)"
@@ -208,7 +211,8 @@ def banner(cfg, chunks, world: int, start: int, loaded) -> str:
     return (f"megallava: {world} ranks = TP{p.tp} x PP{p.pp}" + (f" x VPP{p.vpp}" if p.vpp else "") +
             (f" (LLM layers per stage {split}{'' if p.pipeline_layers else ', balanced'})" if split else "") +
             f" x DP{world // (p.tp * p.pp)}{' + SP' if p.sequence_parallel else ''}; {stage}, {method}; "
-            f"rank 0's stage: {total:,} parameters, {trainable:,} trained; "
+            f"rank 0's stage: {total:,} parameters" + (f" ({nf4:,} of them NF4)" if nf4 else "") +
+            f", {trainable:,} trained; "
             f"precision {t.precision}{'' if t.master_weights else ' (no master weights)'}; data {data}, seq "
             f"{d.seq_length}{' packed' if d.packing else ''}; iterations {start + 1}..{t.iters} of global batch "
             f"{t.global_batch_size}" + (f" from {loaded}" if loaded else "") + f"; run_dir {t.run_dir}" +
