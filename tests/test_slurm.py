@@ -136,7 +136,9 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm, reference, tmp_path):
     while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the preempted instance's slurmstepd never ended"
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # And slurmd refuses a launch credential created in the same second as its revocation of the old one (slurm_cred:
+    # revoked if ctime <= revoke time, whole seconds: "Job credential revoked", the job FAILS): start a second later.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+1"], check=True)
     state, restarts = wait(job, 300)
     log = open(tmp_path / "pre.log").read()
     assert state == "COMPLETED" and restarts == 1, log[-3000:]
