@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megallava import config as C
-from megallava.convert.layout import assemble, local_pieces
+from megallava.model.layout import assemble, local_pieces
 from tests.multirank import run_ranks
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "tiny_cpu.yaml")

@@ -440,7 +440,7 @@ def test_llama_clip_gets_an_in_vocab_image_token(work, parts, plain_llama, demo_
 
     def train(overrides, run_dir):
         def fn(rank, env):
-            from megallava.convert.layout import local_pieces
+            from megallava.model.layout import local_pieces
             from megallava.training.train import run
 
             cfg = C.load_config(os.path.join(out, "megallava_model.yaml"), [

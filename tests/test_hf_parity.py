@@ -1,5 +1,5 @@
 """Numerical parity with HF transformers' LlavaForConditionalGeneration: a tiny random HF model, converted with
-convert/hf_names.py and sharded with convert/layout.py, gives HF's logits and loss at TP1 x PP1 and TP2 x PP2."""
+convert/hf_names.py and sharded with model/layout.py, gives HF's logits and loss at TP1 x PP1 and TP2 x PP2."""
 import pytest
 import torch
 
@@ -117,7 +117,7 @@ def ranks_forward(world_size, tp, pp, hf_state, batch):
     def fn(rank, env):
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megallava.convert.layout import is_tensor_parallel, shard
+        from megallava.model.layout import is_tensor_parallel, shard
         from megallava.distributed import init_distributed
         from megallava.model.build import build_chunks
         from megallava.model.init import iter_canonical_params

@@ -355,7 +355,7 @@ NAMES = ("decoder.layers.0.self_attention.linear_qkv.lora_a", "decoder.layers.0.
 
 
 def _train(world, overrides, tmp_path, iters=3):
-    from megallava.convert.layout import assemble, local_pieces
+    from megallava.model.layout import assemble, local_pieces
 
     base = [f"train.iters={iters}", "train.global_batch_size=8", "train.micro_batch_size=2",
             f"train.run_dir={tmp_path}", "parallel.tp=1", "parallel.pp=1", "lora.rank=4", "train.lr=1e-2"]

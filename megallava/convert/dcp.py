@@ -9,7 +9,7 @@ On disk (what ``megallava.training.checkpoint.save`` writes, minus optimizer / R
     ROOT/iter_0000000/metadata.json   megatron's backend record
     ROOT/iter_0000000/common.pt       torch.save of the non-tensor state (format_version, iteration, layout, ...)
 
-DCP keys are the canonical names (convert/layout.py) with the layers stacked on a leading axis:
+DCP keys are the canonical names (model/layout.py) with the layers stacked on a leading axis:
 ``decoder.layers.<param>`` has global shape (num_layers, ...), ``vision.encoder.layers.<param>`` (built ViT layers,
 ...); ``embedding.weight`` / ``output_layer.weight`` hold the padded vocab (zero rows), the same at every tp <= 8.
 dist_checkpointing reshards on load, so such a checkpoint loads at any TP / PP / VPP.

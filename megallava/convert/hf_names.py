@@ -1,4 +1,4 @@
-"""Name and fused-layout conversion between the canonical megallava layout (convert/layout.py) and HF transformers'
+"""Name and fused-layout conversion between the canonical megallava layout (model/layout.py) and HF transformers'
 ``LlavaForConditionalGeneration`` state_dict. Pure tensor-dict functions: no model, no I/O, no parallelism.
 
 HF keys come in several spellings; all are read, and ``canonical_to_hf`` writes the transformers 5.x in-memory one:

@@ -12,7 +12,7 @@ file reads (no memory-mapped safetensors, whose touched pages stay resident unti
 transformers ``from_pretrained`` which keeps every shard mapped until the end, and not megatron's
 ``dist_checkpointing.load``, which materialises every layer's [gate; up] halves before merging them). The
 megallava ranks read each canonical (tensor, layer) from the checkpoint (any saved layout) and keep their shard,
-with the trainer's sharding rules (convert/layout.py); ``trainer_loader=True`` uses the trainer's own
+with the trainer's sharding rules (model/layout.py); ``trainer_loader=True`` uses the trainer's own
 ``checkpoint.load`` instead (exactly the resume path; more memory).
 """
 import gc
@@ -228,9 +228,9 @@ def check_run_config(cfg: C.Config) -> None:
 @torch.no_grad()
 def stream_load(ckpt: str, chunks) -> None:
     """Fill this rank's parameters from the checkpoint one canonical (tensor, layer) at a time: read it whatever
-    layout saved it, keep this rank's TP shard (the trainer's rules, convert/layout.py)."""
+    layout saved it, keep this rank's TP shard (the trainer's rules, model/layout.py)."""
     from megatron.core import parallel_state
-    from megallava.convert.layout import is_tensor_parallel, shard
+    from megallava.model.layout import is_tensor_parallel, shard
     from megallava.model.init import iter_canonical_params, unwrap
 
     reader = dcp.CheckpointReader(ckpt)

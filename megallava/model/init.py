@@ -5,7 +5,7 @@ import zlib
 import torch
 from megatron.core import parallel_state
 
-from megallava.convert.layout import canonical_name, canonical_shape, is_tensor_parallel, shard
+from megallava.model.layout import canonical_name, canonical_shape, is_tensor_parallel, shard
 
 
 def _draw(name: str, shape, std: float, seed: int) -> torch.Tensor:
