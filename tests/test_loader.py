@@ -336,3 +336,43 @@ def test_preview(data, tmp_path, capsys):
     assert preview.main(args + ["train.seed=3"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 3 and "[[" in out and "ASSISTANT:" in out
+
+
+def test_a_worker_dying_mid_handover_is_named():
+    """A worker killed while this rank receives a batch from it shows as a closed socket (ConnectionResetError: the
+    tensors' file descriptors travel over one), not as torch's 'worker exited unexpectedly'. The loader names the
+    worker and the signal (waiting for the exit the closed socket announces), and the trainer does not take it for a
+    lost peer rank. Other errors pass through unchanged."""
+    import multiprocessing
+    import os
+    from megallava.training.faults import lost_peer
+
+    ctx = multiprocessing.get_context("fork")
+
+    class Batches:  # a multi-process loader iterator's surface, with one real worker process
+        def __init__(self, error):
+            self._workers = [ctx.Process(target=time.sleep, args=(60,))]
+            self._workers[0].start()
+            self.error, self.stopped = error, False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            os.kill(self._workers[0].pid, signal.SIGKILL)  # dies as its batch is handed over
+            raise self.error
+
+        def _shutdown_workers(self):
+            self.stopped = True
+
+    it = Batches(ConnectionResetError(104, "Connection reset by peer"))
+    with pytest.raises(L.DataError) as e:
+        next(L._stop_workers_on_error(it))
+    assert str(e.value).startswith(f"DataLoader worker (pid {it._workers[0].pid}) was killed by signal SIGKILL while "
+                                   f"handing a batch to this rank (ConnectionResetError)"), str(e.value)
+    assert "data.num_workers" in str(e.value) and isinstance(e.value.__cause__, ConnectionResetError)
+    assert it.stopped and not lost_peer(e.value)
+    other = Batches(ValueError("bad sample"))
+    with pytest.raises(ValueError, match="bad sample"):
+        next(L._stop_workers_on_error(other))
+    assert other.stopped

@@ -32,6 +32,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import multiprocessing.connection
 import os
 import signal
 import tarfile
@@ -375,12 +376,35 @@ def _stop_workers_on_error(it):
     owner = os.getpid()
     try:
         yield from it
-    except BaseException:
+    except BaseException as err:
         # Only the multi-process iterator has workers, and only its own process may stop them: a process forked
         # from it (a test's forked rank) that garbage-collects its copy of this generator must leave them alone.
         if hasattr(it, "_shutdown_workers") and os.getpid() == owner:
+            handover = isinstance(err, _HANDOVER_ERRORS)
+            dead = _dead_worker(it, wait_s=WORKER_EXIT_WAIT_S if handover else 0.0)
             _untrack(it)  # SIGKILL: workers ignore SIGTERM (see _worker_init)
             for w in it._workers:
                 w.kill()
             it._shutdown_workers()
+            if handover and dead:
+                pid, code = dead
+                how = f"was killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+                raise DataError(f"DataLoader worker (pid {pid}) {how} while handing a batch to this rank "
+                                f"({type(err).__name__}); the kernel's OOM killer is the usual cause (see dmesg): "
+                                f"lower data.num_workers, or give the job more host memory") from err
         raise
+
+
+# A worker that dies while the rank receives a batch from it shows as a closed socket or pipe (the tensors' file
+# descriptors travel over one), not as torch's "DataLoader worker ... exited unexpectedly". Such an error waits up
+# to WORKER_EXIT_WAIT_S for a worker's exit (the socket closes a moment before the process can be reaped) to name it.
+_HANDOVER_ERRORS = (ConnectionError, EOFError)
+WORKER_EXIT_WAIT_S = 2.0
+
+
+def _dead_worker(it, wait_s: float) -> Optional[Tuple[int, int]]:
+    """(pid, exit code; negative: the signal) of a loader worker that has ended, waiting up to ``wait_s``."""
+    workers = list(getattr(it, "_workers", []))
+    if wait_s > 0 and workers:
+        multiprocessing.connection.wait([w.sentinel for w in workers], timeout=wait_s)
+    return next(((w.pid, w.exitcode) for w in workers if w.exitcode is not None), None)
